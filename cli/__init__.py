@@ -1,0 +1,1 @@
+"""The `lesiongen` command line (installed as `lesiongen.cli`). One module per command group."""

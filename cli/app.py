@@ -1,0 +1,60 @@
+"""Root Typer application. Command modules import only typer at module level so `--help` is fast;
+the library (torch, diffusers, ...) is imported inside each command."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from lesiongen.errors import LesiongenError
+
+# Each module exposes `register(app)`; order is the order of `lesiongen --help`.
+COMMAND_MODULES = ("data", "base", "classifier", "finetune", "synthesis", "quality", "loop")
+
+
+class InputErrorExit(click.ClickException):
+    """A LesiongenError shown as `Error: <message>` with exit status 2 and no traceback."""
+
+    exit_code = 2
+
+
+class _Group(TyperGroup):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LesiongenError as err:
+            raise InputErrorExit(str(err)) from err
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        cls=_Group,
+        name="lesiongen",
+        help="Mine a skin-lesion classifier's mistakes and answer them with Stable Diffusion.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+    )
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"lesiongen.cli.{name}").register(app)
+
+    @app.command()
+    def version() -> None:
+        """Print the lesiongen version."""
+        from lesiongen import __version__
+
+        typer.echo(__version__)
+
+    return app
+
+
+app = build_app()
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()

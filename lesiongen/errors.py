@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints their message and exits with status 2, no traceback."""
+
+
+class LesiongenError(Exception):
+    """An error caused by the user's input (a file, a row, a flag); the message names it."""
+
+
+class InputError(LesiongenError):
+    """Bad input data: a manifest, image, weights file or config that is not what was expected."""
+
+
+class OutputExistsError(LesiongenError):
+    """An output already exists and `--overwrite` was not given."""

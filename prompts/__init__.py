@@ -1,0 +1,1 @@
+"""Shipped prompt files (data, loaded with lesiongen.data.prompts.load_prompts)."""
