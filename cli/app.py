@@ -39,6 +39,13 @@ def build_app() -> typer.Typer:
         pretty_exceptions_enable=False,
         add_completion=False,
     )
+    @app.callback()
+    def root() -> None:
+        """Mine a skin-lesion classifier's mistakes and answer them with Stable Diffusion.
+
+        Start with `lesiongen demo`; see README.md for the full workflow.
+        """
+
     for name in COMMAND_MODULES:
         importlib.import_module(f"lesiongen.cli.{name}").register(app)
 

@@ -1,0 +1,129 @@
+"""The package skeleton: CLI wiring, fast --help, atomic writes, the manifest and prompt contracts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from lesiongen.cli.app import app
+from lesiongen.data.manifest import Manifest, concat_manifests, load_manifest, write_manifest
+from lesiongen.data.prompts import load_prompts
+from lesiongen.errors import InputError, OutputExistsError
+from lesiongen.utils.atomic import atomic_path, ensure_writable, write_json
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command_group():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0, result.output
+    for command in ("data", "base", "train-classifier", "evaluate", "finetune", "generate", "export",
+                    "mine-and-generate", "evaluate-synthetic", "loop", "report", "demo"):
+        assert command in result.output
+
+
+def test_cli_import_does_not_load_heavy_libraries():
+    code = "import sys, lesiongen.cli.app; print(sorted(m for m in ('torch','diffusers','timm','pandas') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "lesiongen", "version"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    target = tmp_path / "result.json"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+    write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+
+
+def test_ensure_writable_refuses_existing_output(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("result")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        ensure_writable(tmp_path / "out", overwrite=False)
+    ensure_writable(tmp_path / "out", overwrite=True)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> Path:
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_manifest_round_trip_keeps_root_and_class_order(tmp_path):
+    rows = [{"image": "images/a.png", "label": "nv", "split": "train", "group_id": "L1"},
+            {"image": "images/b.png", "label": "mel", "split": "val", "group_id": "L2"}]
+    m = Manifest(pd.DataFrame(rows), tmp_path / "data", ["mel", "nv"])
+    path = write_manifest(m, tmp_path / "runs" / "manifest.csv")
+    loaded = load_manifest(path)
+    assert loaded.root.resolve() == (tmp_path / "data").resolve()
+    assert loaded.classes == ["mel", "nv"]
+    assert loaded.label_indices() == [1, 0]
+    assert loaded.split("val").df["image"].tolist() == ["images/b.png"]
+    with pytest.raises(InputError, match="no rows in split 'test'"):
+        loaded.split("test")
+    merged = concat_manifests([loaded, loaded.split("val")], tmp_path)
+    assert [str(p) for p in merged.image_paths()][-1].endswith("data/images/b.png")
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"image": "a.png", "label": "nv", "split": "train"}], "missing required column"),
+    ([{"image": "../a.png", "label": "nv", "split": "train", "group_id": "1"}], "escapes the data root"),
+    ([{"image": "/etc/a.png", "label": "nv", "split": "train", "group_id": "1"}], "escapes the data root"),
+    ([{"image": "a.png", "label": "nv", "split": "holdout", "group_id": "1"}], "row 2, column 'split'"),
+    ([{"image": "a.png", "label": "nv", "split": "train", "group_id": "1"},
+      {"image": "a.png", "label": "nv", "split": "train", "group_id": "1"}], "row 3: image 'a.png' is listed twice"),
+])
+def test_manifest_errors_name_the_offender(tmp_path, rows, message):
+    path = _write_csv(tmp_path / "m.csv", rows)
+    with pytest.raises(InputError, match=message) as info:
+        load_manifest(path)
+    assert str(path) in str(info.value)
+
+
+def test_manifest_unknown_label_names_row(tmp_path):
+    path = _write_csv(tmp_path / "m.csv", [{"image": "a.png", "label": "zebra", "split": "train", "group_id": "1"}])
+    with pytest.raises(InputError, match="row 2, column 'label': unknown label 'zebra'"):
+        load_manifest(path, classes=["mel", "nv"])
+
+
+def test_manifest_non_utf8_is_a_clear_error(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_bytes("image,label,split,group_id\nb\xe9.png,nv,train,1\n".encode("latin-1"))
+    with pytest.raises(InputError, match="not UTF-8"):
+        load_manifest(path)
+
+
+def test_shipped_prompt_files_validate():
+    ham = load_prompts("ham10000")
+    assert ham.class_names == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert ham.class_prompt("mel").startswith("a dermoscopy image of <derm-mel>")
+    caption = ham.caption("nv", {"localization": "back", "age": "45.0", "sex": "male"}, template_index=3)
+    assert caption == "dermoscopy of <derm-nv> melanocytic nevus, male patient aged 45"
+    assert "{site}" not in ham.caption("nv", {}, template_index=2)  # falls back to a usable template
+    assert len(load_prompts("isic2019").classes) == 8
+
+
+def test_prompt_file_errors_name_the_class(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("classes:\n  mel: {name: melanoma, token: 'MEL', init_words: [melanoma]}\n")
+    with pytest.raises(InputError, match="class 'mel': token 'MEL'"):
+        load_prompts(bad)
+    bad.write_text("classes:\n  mel: {name: melanoma, token: '<m>', init_words: [x]}\ntemplates: ['{token} on {planet}']\n")
+    with pytest.raises(InputError, match="unknown field"):
+        load_prompts(bad)
