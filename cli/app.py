@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import os
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -16,18 +15,16 @@ from lesiongen.errors import LesiongenError
 COMMAND_MODULES = ("data", "base", "classifier", "finetune", "synthesis", "quality", "loop")
 
 
-class InputErrorExit(click.ClickException):
-    """A LesiongenError shown as `Error: <message>` with exit status 2 and no traceback."""
-
-    exit_code = 2
-
-
 class _Group(TyperGroup):
-    def invoke(self, ctx: click.Context):
+    """Shows a LesiongenError as one plain `Error: <message>` line on stderr, exit status 2, no
+    traceback. Plain text rather than a rich panel, so a long file path in the message is never cropped."""
+
+    def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except LesiongenError as err:
-            raise InputErrorExit(str(err)) from err
+            typer.echo(f"Error: {err}", err=True)
+            raise typer.Exit(code=2) from err
 
 
 def build_app() -> typer.Typer:

@@ -1,9 +1,104 @@
-"""Commands of the 'data' group (placeholder until the group lands)."""
+"""`lesiongen data ...`: index a labelled image collection, check a manifest, make the toy data set."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+FORMAT_CHOICES = ("auto", "ham10000", "isic2019", "imagefolder", "labels")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add the `data` command group to the root app."""
+    group = typer.Typer(help="Index, check and make data sets (manifests with lesion-aware splits).",
+                        no_args_is_help=True)
+    group.command("index")(index)
+    group.command("check")(check)
+    group.command("toy")(toy)
+    app.add_typer(group, name="data")
+
+
+def _fraction(value: float, flag: str) -> float:
+    if not 0.0 <= value < 1.0:
+        raise typer.BadParameter(f"must be in [0, 1), got {value}", param_hint=flag)
+    return value
+
+
+def index(
+    source: Annotated[Path, typer.Argument(help="Data folder or label CSV (HAM10000 metadata, ISIC 2019 "
+                                                "GroundTruth, labels.csv) or an ImageFolder.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Manifest CSV to write.",
+                                             show_default="checkpoints/data/<source name>/manifest.csv")] = None,
+    fmt: Annotated[str, typer.Option("--format", help=f"Layout of SOURCE: {', '.join(FORMAT_CHOICES)}.")] = "auto",
+    val: Annotated[float, typer.Option(help="Fraction of each class's images for validation.")] = 0.15,
+    test: Annotated[float, typer.Option(help="Fraction of each class's images for test.")] = 0.15,
+    seed: Annotated[int, typer.Option(help="Seed of the lesion shuffle.")] = 0,
+    prompts: Annotated[str | None, typer.Option(help="Prompt file (name or YAML path) whose classes the labels "
+                                                "map to.", show_default="isic2019 for ISIC 2019, else ham10000")] = None,
+    metadata_csv: Annotated[Path | None, typer.Option(help="ISIC 2019 metadata CSV with lesion_id.",
+                                                      show_default="the one beside the GroundTruth CSV")] = None,
+    strict: Annotated[bool, typer.Option(help="Fail on an unreadable image instead of skipping it.")] = False,
+    workers: Annotated[int | None, typer.Option(min=1, help="Decoding threads.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing manifest.")] = False,
+) -> None:
+    """Write a manifest with a lesion-aware, class-stratified train/val/test split."""
+    if fmt not in FORMAT_CHOICES:
+        raise typer.BadParameter(f"'{fmt}' is not one of {', '.join(FORMAT_CHOICES)}", param_hint="--format")
+    _fraction(val, "--val"), _fraction(test, "--test")
+    if val + test >= 1.0:
+        raise typer.BadParameter(f"--val {val} + --test {test} leaves no training images", param_hint="--val/--test")
+    from lesiongen.data.index import index_dataset
+
+    if out is None:
+        name = source.stem if source.is_file() else source.resolve().name
+        out = Path("checkpoints") / "data" / name / "manifest.csv"
+    manifest = index_dataset(source, out, fmt, fractions=(1.0 - val - test, val, test), seed=seed, strict=strict,
+                             overwrite=overwrite, prompts=prompts, metadata_csv=metadata_csv, workers=workers)
+    counts = manifest.df["split"].value_counts()
+    skipped = len(manifest.meta.get("skipped_unreadable", []))
+    typer.echo(f"wrote {out}: {len(manifest)} images, {manifest.meta['n_groups']} lesions, "
+               f"{len(manifest.classes)} classes ({manifest.meta['dataset']}, {manifest.meta['format']} layout); "
+               + ", ".join(f"{s} {int(counts.get(s, 0))}" for s in ("train", "val", "test"))
+               + (f"; skipped {skipped} unreadable image(s)" if skipped else ""))
+
+
+def check(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV to check.")],
+    json_out: Annotated[Path | None, typer.Option(help="Also write the full report as JSON here.")] = None,
+    phash_threshold: Annotated[int | None, typer.Option(min=0, max=64, show_default="2", help="Largest pHash "
+                                                        "Hamming distance reported as a near-duplicate.")] = None,
+    workers: Annotated[int | None, typer.Option(min=1, help="Decoding threads.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing JSON report.")] = False,
+) -> None:
+    """Class counts per split, unreadable/missing images, duplicates and lesion leakage; exit 1 on errors."""
+    from lesiongen.data.check import DEFAULT_PHASH_THRESHOLD, check_manifest, format_report
+    from lesiongen.utils.atomic import ensure_writable, write_json
+
+    if json_out is not None:
+        ensure_writable(json_out, overwrite, what="report")
+    threshold = DEFAULT_PHASH_THRESHOLD if phash_threshold is None else phash_threshold
+    report = check_manifest(manifest, phash_threshold=threshold, workers=workers)
+    typer.echo(format_report(report))
+    if json_out is not None:
+        write_json(json_out, report)
+        typer.echo(f"report written to {json_out}")
+    if report["errors"]:
+        raise typer.Exit(1)
+
+
+def toy(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write labels.csv and images/ into.")] = Path(
+        "checkpoints/data/toy"),
+    n_per_class: Annotated[int, typer.Option(min=1, help="Images per class.")] = 16,
+    size: Annotated[int, typer.Option(min=32, help="Image side in pixels (64 or 128 recommended).")] = 64,
+    seed: Annotated[int, typer.Option(min=0, help="Seed; the same seed gives the same images.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
+) -> None:
+    """Make the procedural dermoscopy-like toy data set (7 HAM10000 classes, no external images)."""
+    from lesiongen.data.toy import STYLES, make_toy_dataset
+
+    labels = make_toy_dataset(out, n_per_class=n_per_class, size=size, seed=seed, overwrite=overwrite)
+    typer.echo(f"wrote {labels} ({len(STYLES) * n_per_class} images, {size} px); "
+               f"index it with: lesiongen data index {out}")

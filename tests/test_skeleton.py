@@ -77,8 +77,12 @@ def test_manifest_round_trip_keeps_root_and_class_order(tmp_path):
     assert loaded.split("val").df["image"].tolist() == ["images/b.png"]
     with pytest.raises(InputError, match="no rows in split 'test'"):
         loaded.split("test")
-    merged = concat_manifests([loaded, loaded.split("val")], tmp_path)
-    assert [str(p) for p in merged.image_paths()][-1].endswith("data/images/b.png")
+    other = Manifest(pd.DataFrame(rows[:1]), tmp_path / "synthetic", ["mel", "nv"])
+    merged = concat_manifests([loaded, other])
+    assert merged.root == tmp_path.resolve()
+    assert merged.df["image"].tolist() == ["data/images/a.png", "data/images/b.png", "synthetic/images/a.png"]
+    reloaded = load_manifest(write_manifest(merged, tmp_path / "elsewhere" / "merged.csv"))
+    assert reloaded.image_paths()[-1] == tmp_path.resolve() / "synthetic/images/a.png"
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -127,3 +131,13 @@ def test_prompt_file_errors_name_the_class(tmp_path):
     bad.write_text("classes:\n  mel: {name: melanoma, token: '<m>', init_words: [x]}\ntemplates: ['{token} on {planet}']\n")
     with pytest.raises(InputError, match="unknown field"):
         load_prompts(bad)
+
+
+def test_every_subpackage_is_listed_in_pyproject():
+    """A package missing from pyproject's explicit list works editable but vanishes from a wheel."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "lesiongen").rglob("__init__.py")}
+    assert found - listed == set()

@@ -133,7 +133,7 @@ def load_manifest(path: str | os.PathLike, *, root: str | os.PathLike | None = N
         except json.JSONDecodeError as err:
             raise InputError(f"{meta_file}: not valid JSON ({err})") from err
     if root is None:
-        root = (path.parent / meta["root"]) if "root" in meta else path.parent
+        root = ((path.parent / meta["root"]) if "root" in meta else path.parent).resolve()
     for i, image in enumerate(df["image"]):
         check_relative_image_path(image, f"{path} row {i + 2}, column 'image'")
     bad_split = df.index[~df["split"].isin(SPLITS)]
@@ -171,8 +171,12 @@ def write_manifest(manifest: Manifest, path: str | os.PathLike, **extra_meta) ->
     return path
 
 
-def concat_manifests(manifests: list[Manifest], root: str | os.PathLike) -> Manifest:
-    """Merge manifests (e.g. real + synthetic) under one root, keeping the first one's class order."""
+def concat_manifests(manifests: list[Manifest], root: str | os.PathLike | None = None) -> Manifest:
+    """Merge manifests (e.g. real + synthetic) under one root, keeping the first one's class order.
+
+    The root defaults to the deepest folder holding every manifest's images, so merged image paths
+    stay relative and inside it (a merged manifest written to disk loads back without `..` paths).
+    """
     if not manifests:
         raise InputError("no manifests to merge")
     classes = list(manifests[0].classes)
@@ -180,5 +184,7 @@ def concat_manifests(manifests: list[Manifest], root: str | os.PathLike) -> Mani
         extra = sorted(set(m.df["label"]) - set(classes))
         if extra:
             raise InputError(f"{m.where}: classes {extra} are not in {manifests[0].where} ({classes})")
+    if root is None:
+        root = os.path.commonpath([str(m.root.resolve()) for m in manifests])
     frames = [m.with_root(root).df for m in manifests]
     return Manifest(pd.concat(frames, ignore_index=True), Path(root), classes, None, dict(manifests[0].meta))
