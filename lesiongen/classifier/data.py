@@ -1,0 +1,178 @@
+"""From manifests to what the trainer holds: decoded uint8 images, labels, loss weights, a sampler.
+
+- The real manifest's train split trains and its val split selects the model; evaluation uses real
+  (non-synthetic) rows only.
+- Synthetic manifests must use the real manifest's classes. Per class, at most `max_synthetic_ratio`
+  synthetic rows per real training row are kept (a seeded random subset), each with loss weight
+  `synthetic_weight`. Rows of the splits in `synthetic_splits` are used; the others are counted and left out.
+- Class imbalance is split between the sampler (class c drawn with mass ~ n_c^(1 - sampler_balance))
+  and the loss (weight ~ n_c^(-loss_balance)); the two powers add up to the overall correction.
+- Images are decoded once (lesiongen.data.images.load_uint8, cached on disk) into one uint8 tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from torch.utils.data import Sampler
+
+from lesiongen.classifier.config import TrainConfig
+from lesiongen.data.images import load_uint8
+from lesiongen.data.manifest import Manifest, load_manifest
+from lesiongen.errors import InputError
+
+
+def real_split(manifest: Manifest, split: str) -> Manifest:
+    """The real (non-synthetic) rows of one split; an absent or empty split is an error naming the file."""
+    part = manifest.split(split)
+    real = part.subset(~part.is_synthetic)
+    if len(real) == 0:
+        raise InputError(f"{manifest.where}: split '{split}' has no real images (all {len(part)} rows are synthetic)")
+    return real
+
+
+def load_synthetic(paths: list[str], real: Manifest) -> list[Manifest]:
+    """Load synthetic manifests and check that their labels are classes of the real manifest."""
+    manifests = []
+    for path in paths:
+        synthetic = load_manifest(path)
+        extra = sorted(set(synthetic.df["label"]) - set(real.classes))
+        if extra:
+            raise InputError(f"{path}: synthetic classes {extra} are not classes of the real manifest "
+                             f"{real.where} ({real.classes})")
+        manifests.append(synthetic)
+    return manifests
+
+
+@dataclass
+class TrainingTable:
+    """One row per training image: absolute path, class index, loss weight, whether synthetic."""
+
+    rows: pd.DataFrame  # columns: path, label, label_index, weight, synthetic, group_id, split
+    classes: list[str]
+    summary: dict  # per-class counts, what was dropped and why (saved in classifier.json)
+
+    def class_counts(self) -> np.ndarray:
+        return np.bincount(self.rows["label_index"].to_numpy(), minlength=len(self.classes))
+
+
+def training_table(real: Manifest, synthetic: list[Manifest], config: TrainConfig) -> TrainingTable:
+    train = real.split("train")
+    frames = [_rows(train.subset(~train.is_synthetic), synthetic=False)]
+    real_counts = frames[0]["label"].value_counts()
+    # Synthetic rows may also sit in the real manifest itself; they follow the same rules.
+    candidates = [m.subset(m.is_synthetic) for m in [real, *synthetic]]
+    pool = pd.concat([_rows(m, synthetic=True) for m in candidates if len(m)] or [frames[0].iloc[:0]],
+                     ignore_index=True)
+    in_splits = pool["split"].isin(config.synthetic_splits)
+    kept = _cap_per_class(pool[in_splits], real_counts, config.max_synthetic_ratio, config.seed)
+    kept = kept.assign(weight=config.synthetic_weight)
+    rows = pd.concat([frames[0], kept], ignore_index=True)
+    duplicated = rows["path"].duplicated()
+    if duplicated.any():
+        raise InputError(f"image {rows.loc[duplicated, 'path'].iloc[0]} is listed in more than one training manifest")
+    index = {c: i for i, c in enumerate(real.classes)}
+    rows["label_index"] = rows["label"].map(index).astype(np.int64)
+    summary = {
+        "real": {c: int(real_counts.get(c, 0)) for c in real.classes},
+        "synthetic_used": {c: int((kept["label"] == c).sum()) for c in real.classes},
+        "synthetic_outside_splits": int((~in_splits).sum()),
+        "synthetic_over_cap": int(in_splits.sum() - len(kept)),
+        "synthetic_splits": list(config.synthetic_splits),
+        "synthetic_manifests": [str(m.path) for m in synthetic],
+    }
+    return TrainingTable(rows, list(real.classes), summary)
+
+
+def _rows(manifest: Manifest, *, synthetic: bool) -> pd.DataFrame:
+    df = manifest.df
+    return pd.DataFrame({
+        "path": [os.path.join(manifest.root, p) for p in df["image"]],
+        "label": df["label"].to_numpy(),
+        "weight": 1.0,
+        "synthetic": synthetic,
+        "group_id": df["group_id"].to_numpy(),
+        "split": df["split"].to_numpy(),
+    })
+
+
+def _cap_per_class(pool: pd.DataFrame, real_counts: pd.Series, ratio: float | None, seed: int) -> pd.DataFrame:
+    if ratio is None or pool.empty:
+        return pool
+    kept = []
+    for label, group in pool.groupby("label", sort=True):
+        limit = int(np.floor(ratio * real_counts.get(label, 0)))
+        kept.append(group if len(group) <= limit else group.sample(n=limit, random_state=seed))
+    return pd.concat(kept).sort_index()
+
+
+@dataclass
+class LabelledImages:
+    """Decoded images (uint8, N x 3 x S x S, CPU) with labels and per-image loss weights."""
+
+    images: Tensor
+    labels: Tensor
+    weights: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> LabelledImages:
+        return LabelledImages(self.images.to(device), self.labels.to(device), self.weights.to(device))
+
+
+def decode(paths: list[str] | list[Path], labels: list[int] | np.ndarray, size: int,
+           weights: np.ndarray | None = None, cache_dir: str | os.PathLike | None = None) -> LabelledImages:
+    images = load_uint8([Path(p) for p in paths], size, cache_dir=cache_dir)
+    labels_t = torch.tensor(np.asarray(labels), dtype=torch.long)
+    weights_t = torch.ones(len(labels_t)) if weights is None else torch.tensor(np.asarray(weights), dtype=torch.float32)
+    return LabelledImages(images, labels_t, weights_t)
+
+
+def balance_weights(counts: np.ndarray, power: float) -> Tensor:
+    """Per-class weight ~ n_c^(-power), scaled to mean 1 over the classes that have images."""
+    counts = np.asarray(counts, dtype=np.float64)
+    weights = np.where(counts > 0, np.maximum(counts, 1.0) ** -power, 0.0)
+    present = counts > 0
+    weights[present] /= weights[present].mean()
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+class EpochSampler(Sampler[int]):
+    """Training order for one epoch, a pure function of (seed, epoch): every process draws the same
+    sequence (accelerate shards it) and a resumed run redraws the interrupted epoch exactly.
+
+    Without weights it is a permutation; with weights, `num_samples` draws with replacement.
+    """
+
+    def __init__(self, num_samples: int, weights: Tensor | None = None, seed: int = 0) -> None:
+        self.num_samples, self.weights, self.seed, self.epoch = num_samples, weights, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.multinomial(self.weights.double(), self.num_samples, replacement=True, generator=generator)
+        return iter(order.tolist())
+
+
+def training_sampler(table: TrainingTable, config: TrainConfig) -> EpochSampler:
+    if config.sampler_balance == 0:
+        return EpochSampler(len(table.rows), None, config.seed)
+    per_class = balance_weights(table.class_counts(), config.sampler_balance)
+    per_image = per_class[torch.tensor(table.rows["label_index"].to_numpy())]
+    return EpochSampler(len(table.rows), per_image, config.seed)

@@ -1,0 +1,198 @@
+"""Evaluate a classifier on one manifest split, and compare two classifiers on the same images.
+
+An evaluation folder holds (DESIGN contract):
+- `predictions.csv`: image (relative to the manifest root), label, split, group_id, pred, correct, loss
+  (-log p(true)), margin (p(true) - max p(other)), prob_<class>...; the input of mining;
+- `predictions.meta.json`: manifest path and sha256, split, classes, model;
+- `metrics.json`: the clinical panel with lesion-level bootstrap intervals, thresholds, confusion matrix;
+- `confusion_matrix.png`, `roc.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from lesiongen.errors import InputError
+from lesiongen.metrics.bootstrap import bootstrap_ci
+from lesiongen.metrics.clinical import ClinicalSpec, clinical_metrics, confusion_matrix, operating_points
+from lesiongen.metrics.compare import paired_comparison
+from lesiongen.utils.atomic import atomic_dir, ensure_writable, write_json
+from lesiongen.utils.hashing import sha256_file
+
+PREDICTIONS = "predictions.csv"
+PREDICTIONS_META = "predictions.meta.json"
+METRICS = "metrics.json"
+
+
+@dataclass
+class BootstrapSettings:
+    n_resamples: int = 1000
+    seed: int = 0
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        if self.n_resamples < 0:
+            raise InputError(f"--bootstrap must be >= 0 resamples, got {self.n_resamples}")
+
+
+@dataclass
+class Evaluation:
+    """Probabilities of one model on the real images of one split, with the rows they belong to."""
+
+    rows: pd.DataFrame  # the manifest rows (image, label, split, group_id, ...)
+    probs: Tensor  # (N, C) float
+    target: Tensor  # (N,) class indices
+    classes: list[str]
+    meta: dict  # manifest, manifest_sha256, split, classes, model
+
+    @property
+    def spec(self) -> ClinicalSpec:
+        return ClinicalSpec.default_for(self.classes)
+
+    def predictions(self) -> pd.DataFrame:
+        probs = self.probs.double()
+        n = len(self.target)
+        p_true = probs[torch.arange(n), self.target]
+        others = probs.clone()
+        others[torch.arange(n), self.target] = -1.0
+        pred = probs.argmax(dim=1)
+        frame = pd.DataFrame({
+            "image": self.rows["image"].to_numpy(),
+            "label": [self.classes[i] for i in self.target.tolist()],
+            "split": self.rows["split"].to_numpy(),
+            "group_id": self.rows["group_id"].to_numpy(),
+            "pred": [self.classes[i] for i in pred.tolist()],
+            "correct": (pred == self.target).int().numpy(),
+            "loss": (-p_true.clamp_min(1e-12).log()).numpy(),
+            "margin": (p_true - others.max(dim=1).values).numpy(),
+        })
+        for i, name in enumerate(self.classes):
+            frame[f"prob_{name}"] = probs[:, i].numpy()
+        return frame
+
+    def metrics(self, bootstrap: BootstrapSettings) -> dict:
+        spec = self.spec
+        probs, target = self.probs.double(), self.target
+        groups = self.rows["group_id"].astype(str).tolist()
+        intervals = {}
+        if bootstrap.n_resamples:
+            intervals = bootstrap_ci(lambda w: clinical_metrics(probs, target, spec, w), groups,
+                                     bootstrap.n_resamples, bootstrap.seed, bootstrap.confidence)
+        points = operating_points(probs, target, spec)
+        confmat = confusion_matrix(probs.argmax(1), target, len(self.classes))
+        return _json_safe({
+            **self.meta,
+            "n_images": len(target),
+            "n_lesions": len(set(groups)),
+            "positive_class": spec.positive_class,
+            "metrics": clinical_metrics(probs, target, spec),
+            f"ci{round(bootstrap.confidence * 100)}": intervals,
+            "thresholds": {name: threshold for name, (_, threshold) in points.items()},
+            "confusion_matrix": {"rows": "true class", "columns": "predicted class",
+                                 "classes": self.classes, "counts": confmat.long().tolist()},
+            "bootstrap": {"n_resamples": bootstrap.n_resamples, "seed": bootstrap.seed, "unit": "group_id",
+                          "confidence": bootstrap.confidence, "method": "percentile"},
+        })
+
+
+def evaluation_meta(manifest_path: str | os.PathLike, split: str, classes: list[str], model: str) -> dict:
+    return {"manifest": str(manifest_path), "manifest_sha256": sha256_file(manifest_path), "split": split,
+            "classes": list(classes), "model": str(model)}
+
+
+def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike, bootstrap: BootstrapSettings,
+                     *, overwrite: bool = False) -> dict:
+    """Write the evaluation folder as a whole (a killed run leaves no half folder); returns metrics.json."""
+    from lesiongen.classifier.plots import plot_confusion_matrix, plot_roc
+
+    out_dir = ensure_writable(out_dir, overwrite, what="evaluation folder")
+    report = evaluation.metrics(bootstrap)
+    title = f"{Path(evaluation.meta['model']).name} on {evaluation.meta['split']}"
+    with atomic_dir(out_dir) as tmp:
+        evaluation.predictions().to_csv(tmp / PREDICTIONS, index=False)
+        write_json(tmp / PREDICTIONS_META, evaluation.meta)
+        write_json(tmp / METRICS, report)
+        plot_confusion_matrix(np.asarray(report["confusion_matrix"]["counts"]), evaluation.classes,
+                              tmp / "confusion_matrix.png", title=title)
+        plot_roc(evaluation.probs.double(), evaluation.target, evaluation.spec, tmp / "roc.png",
+                 operating_points(evaluation.probs.double(), evaluation.target, evaluation.spec), title=title)
+    return report
+
+
+def evaluate_model(model_dir: str | os.PathLike, manifest_path: str | os.PathLike, split: str, *,
+                   accelerator=None, batch_size: int = 256, cache_dir: str | os.PathLike | None = None) -> Evaluation:
+    """Score a trained classifier on the real images of a manifest split (sharded under `accelerate launch`)."""
+    from accelerate import Accelerator
+
+    from lesiongen.classifier.data import decode, real_split
+    from lesiongen.classifier.models import load_classifier
+    from lesiongen.classifier.predict import predict_distributed
+    from lesiongen.classifier.weights import default_cache_dir
+    from lesiongen.data.manifest import load_manifest
+
+    accelerator = accelerator or Accelerator()
+    model, info = load_classifier(model_dir, device=accelerator.device)
+    # Labels are read against the model's classes: a label the model does not know is an error naming the row.
+    manifest = load_manifest(manifest_path, classes=list(info.classes))
+    rows = real_split(manifest, split)
+    cache = Path(cache_dir or default_cache_dir()) / "images"
+    with accelerator.main_process_first():  # the first process decodes and caches, the others read the cache
+        data = decode(rows.image_paths(), rows.label_indices(), info.decode_size, cache_dir=cache)
+    probs = predict_distributed(accelerator, model, info, data.images, batch_size=batch_size)
+    return Evaluation(rows.df, probs, data.labels, list(info.classes),
+                      evaluation_meta(manifest_path, split, info.classes, str(model_dir)))
+
+
+def read_evaluation(folder: str | os.PathLike) -> Evaluation:
+    """An evaluation folder back as an `Evaluation` (probabilities from predictions.csv)."""
+    folder = Path(folder)
+    meta_path = folder / PREDICTIONS_META
+    if not (folder / PREDICTIONS).is_file() or not meta_path.is_file():
+        raise InputError(f"{folder}: not an evaluation folder (needs {PREDICTIONS} and {PREDICTIONS_META})")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    frame = pd.read_csv(folder / PREDICTIONS, dtype={"image": str, "label": str, "group_id": str, "split": str})
+    classes = list(meta["classes"])
+    missing = [f"prob_{c}" for c in classes if f"prob_{c}" not in frame]
+    if missing:
+        raise InputError(f"{folder / PREDICTIONS}: missing column(s) {missing}")
+    index = {c: i for i, c in enumerate(classes)}
+    probs = torch.as_tensor(frame[[f"prob_{c}" for c in classes]].to_numpy(dtype=np.float64))
+    target = torch.tensor(frame["label"].map(index).to_numpy(dtype=np.int64))
+    return Evaluation(frame, probs, target, classes, meta)
+
+
+def compare_evaluations(a: Evaluation, b: Evaluation, bootstrap: BootstrapSettings) -> dict:
+    """Paired comparison of two evaluations of the same images (B - A)."""
+    for key in ("manifest_sha256", "split", "classes"):
+        if a.meta.get(key) != b.meta.get(key):
+            raise InputError(f"--compare: the two evaluations differ in {key} ({a.meta.get(key)!r} vs "
+                             f"{b.meta.get(key)!r}); a paired comparison needs the same images")
+    order_b = pd.Series(range(len(b.rows)), index=b.rows["image"].to_numpy())
+    if set(order_b.index) != set(a.rows["image"]):
+        raise InputError("--compare: the two evaluations do not cover the same images")
+    aligned = torch.tensor(order_b.loc[a.rows["image"].to_numpy()].to_numpy())
+    result = paired_comparison(a.probs.double(), b.probs.double()[aligned], a.target,
+                               a.rows["group_id"].astype(str).tolist(), a.spec,
+                               bootstrap.n_resamples, bootstrap.seed, bootstrap.confidence)
+    return _json_safe({"a": a.meta["model"], "b": b.meta["model"], "manifest": a.meta["manifest"],
+                       "manifest_sha256": a.meta["manifest_sha256"], "split": a.meta["split"], **result})
+
+
+def _json_safe(value):
+    """NaN / inf are not JSON: undefined metrics (e.g. no positives in a split) are written as null."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,378 @@
+"""Train a timm classifier on a manifest with accelerate (one GPU, several, or the CPU).
+
+The images of the train and val splits are decoded once into uint8 tensors on the device; a batch is a
+set of positions drawn by `EpochSampler`, gathered from that tensor and augmented on the device, so the
+data pipeline costs a few kernels per step. accelerate provides mixed precision, DDP, gradient
+accumulation and checkpoint state; the model is selected (and training stopped early) on validation
+balanced accuracy, computed from predictions gathered over all processes.
+
+Output folder: `config.yaml`, the best model (`model.safetensors` + `classifier.json`), `history.csv`,
+`checkpoint-N/` folders, and `eval-val/` (the best model's validation evaluation, as `lesiongen evaluate`
+writes it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lesiongen.classifier.augment import DeviceAugment
+from lesiongen.classifier.checkpoints import (
+    TrainerState,
+    find_checkpoint,
+    list_checkpoints,
+    restore_best,
+    save_checkpoint,
+)
+from lesiongen.classifier.config import TrainConfig
+from lesiongen.classifier.data import (
+    balance_weights,
+    decode,
+    load_synthetic,
+    real_split,
+    training_sampler,
+    training_table,
+)
+from lesiongen.classifier.models import (
+    INFO_FILE,
+    MODEL_FILE,
+    ClassifierInfo,
+    check_arch,
+    create_classifier,
+    data_config,
+    save_classifier,
+)
+from lesiongen.classifier.predict import IndexDataset, evaluation_loader, predict_distributed
+from lesiongen.classifier.preprocess import normalize, shades_of_gray, to_unit_float
+from lesiongen.config import save_config, to_dict
+from lesiongen.errors import InputError
+from lesiongen.metrics.clinical import ClinicalSpec, clinical_metrics
+from lesiongen.utils.atomic import atomic_path, ensure_writable
+
+CONFIG_FILE = "config.yaml"
+HISTORY_FILE = "history.csv"
+EVAL_DIR = "eval-val"
+# What a previous run left in an output folder; --overwrite removes exactly these.
+RUN_OUTPUTS = (MODEL_FILE, INFO_FILE, CONFIG_FILE, HISTORY_FILE, EVAL_DIR)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_epoch: int
+    best_val_balanced_accuracy: float
+    epochs_run: int
+    stopped_early: bool
+    num_processes: int
+    is_main_process: bool
+
+
+def resolve_mixed_precision(value: str, device: torch.device) -> str:
+    if value != "auto":
+        if value == "fp16" and device.type != "cuda":
+            raise InputError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this device")
+        return value
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _launch_device() -> torch.device:
+    """The device accelerate will pick, known before it is set up (the precision must be chosen first)."""
+    from accelerate.utils import parse_flag_from_env
+
+    use_cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def weighted_cross_entropy(logits: Tensor, target: Tensor, weights: Tensor, label_smoothing: float) -> Tensor:
+    """Sum of w_i * CE_i over sum of w_i: class-balance and synthetic weights in one normalised loss."""
+    per_image = F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing, reduction="none")
+    return (per_image * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+class ClassifierTrainer:
+    """One training run; `run()` trains (or resumes) and writes the output folder."""
+
+    def __init__(self, config: TrainConfig, out_dir: str | os.PathLike, *, resume: str | None = None,
+                 overwrite: bool = False) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        if not config.manifest:
+            raise InputError("--manifest is required (the real manifest with train and val splits)")
+        self.config, self.out_dir = config, Path(out_dir)
+        mixed_precision = resolve_mixed_precision(config.mixed_precision, _launch_device())
+        self.accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=config.grad_accum)
+        self.checkpoint = find_checkpoint(self.out_dir, resume) if resume else None
+        self._leftovers = self._check_out_dir(resume, overwrite)
+        set_seed(config.seed, device_specific=True)  # different augmentation per process, same per seed
+        if self.accelerator.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # every batch has the same shape
+        self.cache_dir = Path(config.cache_dir) if config.cache_dir else None
+        self.best_val_probs: Tensor | None = None  # gathered validation probabilities of the best epoch
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_out_dir(self, resume: str | None, overwrite: bool) -> list[Path]:
+        """What a fresh start must remove; refuses (on every process) to replace results without --overwrite."""
+        if self.checkpoint is not None:
+            return []
+        leftovers = [self.out_dir / name for name in RUN_OUTPUTS] + list_checkpoints(self.out_dir)
+        existing = [p for p in leftovers if p.exists()]
+        # A run resumed before its first checkpoint starts over; otherwise results need --overwrite.
+        if existing and not (overwrite or resume):
+            ensure_writable(existing[0], overwrite=False, what="training output")
+        return existing
+
+    def _start_out_dir(self) -> None:
+        """Called once the inputs are validated, so a refused run leaves nothing behind."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            for path in self._leftovers:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.checkpoint is None or not (self.out_dir / CONFIG_FILE).is_file():
+                save_config(self.config, self.out_dir / CONFIG_FILE)
+        acc.wait_for_everyone()
+
+    def setup(self) -> None:
+        """Validate the inputs, create the model, decode the data, and prepare everything with accelerate."""
+        from lesiongen.classifier.weights import default_cache_dir
+        from lesiongen.data.manifest import load_manifest
+
+        cfg, acc = self.config, self.accelerator
+        cache = self.cache_dir or default_cache_dir()
+        manifest = load_manifest(cfg.manifest)
+        self.val_rows = real_split(manifest, "val")
+        real_split(manifest, "train")
+        table = training_table(manifest, load_synthetic(cfg.synthetic, manifest), cfg)
+        check_arch(cfg.arch)  # every process fails fast, before the slow part below
+        with acc.main_process_first():  # the first process converts weights and decodes; the others read caches
+            model = create_classifier(cfg.arch, len(manifest.classes), cfg.pretrained, drop_rate=cfg.drop_rate,
+                                      drop_path_rate=cfg.drop_path_rate, cache_dir=cache)
+            train = decode(table.rows["path"].tolist(), table.rows["label_index"].to_numpy(), cfg.decode_size,
+                           table.rows["weight"].to_numpy(), cache_dir=cache / "images")
+            val = decode(self.val_rows.image_paths(), self.val_rows.label_indices(), cfg.decode_size,
+                         cache_dir=cache / "images")
+        self.train_data, self.val_data = train.to(acc.device), val.to(acc.device)
+        self.info = self._describe(model, manifest.classes, table.summary)
+        self.spec = ClinicalSpec.default_for(manifest.classes)
+        self.class_loss_weight = balance_weights(table.class_counts(), cfg.loss_balance).to(acc.device)
+        self.augment = DeviceAugment(cfg.augment, cfg.img_size)
+        self._prepare(model, training_sampler(table, cfg))
+
+    def _describe(self, model: torch.nn.Module, classes: list[str], data_summary: dict) -> ClassifierInfo:
+        cfg, acc = self.config, self.accelerator
+        mean, std = data_config(model)
+        return ClassifierInfo(
+            arch=cfg.arch, classes=list(classes), img_size=cfg.img_size, mean=mean, std=std, load_size=cfg.load_size,
+            color_constancy=cfg.color_constancy, tta=cfg.tta, num_features=model.num_features,
+            pretrained=cfg.pretrained,
+            training={"data": data_summary, "num_processes": acc.num_processes,
+                      "effective_batch_size": cfg.batch_size * acc.num_processes * cfg.grad_accum,
+                      "mixed_precision": acc.mixed_precision, "config": to_dict(cfg)})
+
+    def _prepare(self, model: torch.nn.Module, sampler) -> None:
+        """Loaders, optimizer and one-cycle schedule, wrapped by accelerate (DDP, mixed precision)."""
+        cfg, acc = self.config, self.accelerator
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        full_batches = len(sampler) >= cfg.batch_size * acc.num_processes
+        loader = DataLoader(IndexDataset(len(sampler)), batch_size=cfg.batch_size, sampler=sampler,
+                            drop_last=full_batches,  # a batch of one breaks batch norm
+                            generator=torch.Generator().manual_seed(cfg.seed))  # never touch the global RNG
+        self.train_loader = acc.prepare_data_loader(loader)
+        self.val_loader = evaluation_loader(acc, len(self.val_data), cfg.eval_batch_size)
+        optimizer = self._optimizer(model)
+        steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=cfg.warmup_pct)
+        if cfg.compile:
+            model = torch.compile(model)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(self.scheduler)  # stepped by hand, once per optimizer step
+
+    def _optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        from timm.optim import param_groups_weight_decay
+
+        groups = param_groups_weight_decay(model, self.config.weight_decay)  # no decay on norms and biases
+        fused = self.accelerator.device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=self.config.lr, fused=fused)
+
+    # ------------------------------------------------------------------ steps
+
+    def training_batch(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        data, cfg = self.train_data, self.config
+        index = index.to(data.images.device)
+        images = to_unit_float(data.images[index])
+        if cfg.color_constancy:
+            images = shades_of_gray(images, cfg.color_constancy)
+        images = normalize(self.augment(images), self.info.mean, self.info.std)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = data.labels[index]
+        return images, labels, self.class_loss_weight[labels] * data.weights[index]
+
+    def train_step(self, index: Tensor) -> Tensor:
+        """One batch of positions: gathered and augmented on the device, then `optimize`; returns the loss."""
+        return self.optimize(*self.training_batch(index))
+
+    def optimize(self, images: Tensor, labels: Tensor, weights: Tensor) -> Tensor:
+        """Forward, backward and (at accumulation boundaries) an optimizer step on a prepared batch."""
+        acc, cfg = self.accelerator, self.config
+        with acc.accumulate(self.model):
+            loss = weighted_cross_entropy(self.model(images), labels, weights, cfg.label_smoothing)
+            acc.backward(loss)
+            if cfg.grad_clip and acc.sync_gradients:
+                acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def average_buffers(self) -> None:
+        """Average batch-norm statistics over the processes (timm's `distribute_bn`).
+
+        DDP keeps one copy of every buffer per process and each copy last saw its own process's batch, so
+        without this every process would score its validation shard with a slightly different model from
+        the one the main process saves.
+        """
+        if self.accelerator.num_processes == 1:
+            return
+        import torch.distributed as dist
+
+        for buffer in self.accelerator.unwrap_model(self.model).buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer, op=dist.ReduceOp.SUM)  # gloo has no AVG
+                buffer.div_(self.accelerator.num_processes)
+
+    def validate(self) -> tuple[dict[str, float], Tensor]:
+        """The clinical panel and loss on the validation split, from predictions gathered over all processes."""
+        self.average_buffers()
+        model = self.accelerator.unwrap_model(self.model)
+        probs = predict_distributed(self.accelerator, model, self.info, self.val_data.images, loader=self.val_loader)
+        model.train()
+        labels = self.val_data.labels.cpu()
+        metrics = clinical_metrics(probs.double(), labels, self.spec)
+        metrics["loss"] = float(-probs[torch.arange(len(labels)), labels].clamp_min(1e-12).log().mean())
+        return metrics, probs
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        self.setup()
+        self._start_out_dir()
+        acc, cfg = self.accelerator, self.config
+        state = TrainerState()
+        if self.checkpoint is not None:
+            acc.load_state(str(self.checkpoint))
+            state = TrainerState.read(self.checkpoint)
+            if acc.is_main_process:
+                restore_best(self.checkpoint, self.out_dir)
+            acc.print(f"resumed from {self.checkpoint} (epoch {state.epoch + 1}, step {state.global_step})")
+        total_steps = cfg.epochs * math.ceil(len(self.train_loader) / cfg.grad_accum)
+        progress = tqdm(total=total_steps, initial=state.global_step, desc="train-classifier",
+                        disable=not acc.is_local_main_process, dynamic_ncols=True)
+        self.model.train()
+        while not state.finished:
+            train_loss = self._train_epoch(state, progress)
+            self._end_epoch(state, train_loss)
+            self._save_checkpoint(state)
+        progress.close()
+        self._final_evaluation()
+        return TrainResult(self.out_dir, state.best_epoch + 1, state.best_score, len(state.history),
+                           state.stopped_early, acc.num_processes, acc.is_main_process)
+
+    def _train_epoch(self, state: TrainerState, progress) -> float:
+        """The rest of epoch `state.epoch` (all of it unless resumed mid-epoch); returns its mean loss."""
+        acc, cfg = self.accelerator, self.config
+        self.train_loader.set_epoch(state.epoch)
+        loader = self.train_loader
+        if state.batches_done:  # resumed mid-epoch: the same sampler order, minus what was trained on
+            loader = acc.skip_first_batches(self.train_loader, state.batches_done)
+            loader.set_epoch(state.epoch)
+        loss_sum = torch.tensor(state.epoch_loss_sum, device=acc.device)
+        for index in loader:
+            loss_sum += self.train_step(index)
+            state.batches_done += 1
+            if not acc.sync_gradients:
+                continue
+            self.scheduler.step()
+            state.global_step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{float(loss_sum) / state.batches_done:.4f}", refresh=False)
+            mid_epoch = state.batches_done < len(self.train_loader)
+            if mid_epoch and cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0:
+                state.epoch_loss_sum = float(loss_sum)
+                self._save_checkpoint(state)
+        return float(acc.reduce(loss_sum / max(state.batches_done, 1), reduction="mean"))
+
+    def _save_checkpoint(self, state: TrainerState) -> None:
+        best = [self.out_dir / MODEL_FILE, self.out_dir / INFO_FILE] if state.best_epoch >= 0 else []
+        save_checkpoint(self.accelerator, self.out_dir, state, self.config.checkpoints_total_limit, best)
+
+    def _end_epoch(self, state: TrainerState, train_loss: float) -> None:
+        acc, cfg = self.accelerator, self.config
+        metrics, probs = self.validate()
+        score = metrics["balanced_accuracy"]  # identical on every process: computed from gathered predictions
+        improved = score > state.best_score
+        if improved:
+            state.best_score, state.best_epoch, state.epochs_without_improvement = score, state.epoch, 0
+            self.best_val_probs = probs
+            if acc.is_main_process:
+                info = replace(self.info, training={**self.info.training, "best_epoch": state.epoch + 1,
+                                                    "val_balanced_accuracy": score})
+                save_classifier(acc.unwrap_model(self.model), info, self.out_dir)
+        else:
+            state.epochs_without_improvement += 1
+        row = {"epoch": state.epoch + 1, "step": state.global_step, "lr": self.scheduler.get_last_lr()[0],
+               "train_loss": train_loss, **{f"val_{k}": v for k, v in metrics.items()}}
+        state.history.append(row)
+        acc.print(f"epoch {state.epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
+                  f"val balanced accuracy {score:.4f}{' (best)' if improved else ''}")
+        if acc.is_main_process:
+            with atomic_path(self.out_dir / HISTORY_FILE) as tmp:
+                pd.DataFrame(state.history).to_csv(tmp, index=False)
+        state.epoch += 1
+        state.batches_done, state.epoch_loss_sum = 0, 0.0
+        patience = cfg.early_stopping_patience
+        state.stopped_early = patience is not None and state.epochs_without_improvement >= patience
+        state.finished = state.epoch >= cfg.epochs or state.stopped_early
+        if state.stopped_early:
+            acc.print(f"early stop: no better val balanced accuracy for {patience} epochs")
+
+    def _final_evaluation(self) -> None:
+        """The best model on the validation split, gathered over all processes, as `evaluate` writes it."""
+        from safetensors.torch import load_file
+
+        from lesiongen.classifier.evaluate import BootstrapSettings, Evaluation, evaluation_meta, write_evaluation
+
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        probs = self.best_val_probs
+        if probs is None:  # the best epoch was before a resume: score the saved best model again
+            model = acc.unwrap_model(self.model)
+            model.load_state_dict(load_file(str(self.out_dir / MODEL_FILE)))  # copied onto the device
+            probs = predict_distributed(acc, model, self.info, self.val_data.images, loader=self.val_loader)
+        if acc.is_main_process:
+            meta = evaluation_meta(self.config.manifest, "val", self.info.classes, str(self.out_dir))
+            evaluation = Evaluation(self.val_rows.df, probs, self.val_data.labels.cpu(), self.info.classes, meta)
+            # Validation selects the model; intervals belong to `lesiongen evaluate` on the test split.
+            write_evaluation(evaluation, self.out_dir / EVAL_DIR, BootstrapSettings(n_resamples=0), overwrite=True)
+        acc.wait_for_everyone()
+
+
+def train_classifier(config: TrainConfig, out_dir: str | os.PathLike, *, resume: str | None = None,
+                     overwrite: bool = False) -> TrainResult:
+    return ClassifierTrainer(config, out_dir, resume=resume, overwrite=overwrite).run()

@@ -1,0 +1,304 @@
+"""`lesiongen train-classifier` and `lesiongen evaluate` end to end through the CLI, on the toy data.
+
+Tiny model (timm's `test_efficientnet`), 32 px, 2 epochs: these tests check the machinery (outputs,
+resume, DDP gather, errors), not accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from lesiongen.cli.app import app
+from lesiongen.data.manifest import Manifest, load_manifest, write_manifest
+from lesiongen.utils.hashing import sha256_file
+from test_classifier_data import make_synthetic_manifest
+
+CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+PREDICTION_COLUMNS = ["image", "label", "split", "group_id", "pred", "correct", "loss", "margin"] + \
+                     [f"prob_{c}" for c in CLASSES]
+TINY_RECIPE = {
+    "arch": "test_efficientnet", "pretrained": "none", "img_size": 32, "load_size": 40, "epochs": 2,
+    "batch_size": 8, "eval_batch_size": 4, "early_stopping_patience": None, "checkpoints_total_limit": None,
+}
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Shared cache, one CPU thread per process (the machine's cores are shared; spinning threads crawl)."""
+    cache = tmp_path_factory.mktemp("cache")
+    saved = {k: os.environ.get(k) for k in ("LESIONGEN_CACHE", "OMP_NUM_THREADS")}
+    os.environ.update(LESIONGEN_CACHE=str(cache), OMP_NUM_THREADS="1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for key, value in saved.items():
+        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_RECIPE))
+    return path
+
+
+class Ran:
+    """A finished CLI call; `output` with rich's error box and line wrapping flattened to one line."""
+
+    def __init__(self, result) -> None:
+        self.exit_code, self.raw = result.exit_code, result.output
+        self.output = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
+
+
+def cli(*args, expect: int = 0) -> Ran:
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exit_code != expect:
+        raise AssertionError(f"exit {result.exit_code} (expected {expect}):\n{result.output}\n{result.exception!r}")
+    return Ran(result)
+
+
+@pytest.fixture(scope="module")
+def trained(env, toy_manifest, recipe, tmp_path_factory):
+    """One CLI training run with a synthetic manifest mixed in."""
+    root = tmp_path_factory.mktemp("trained")
+    synthetic = make_synthetic_manifest(toy_manifest, root / "synthetic", split="val", per_class=2)
+    out = root / "model"
+    cli("train-classifier", "--manifest", toy_manifest, "--synthetic", synthetic, "--config", recipe, "--out", out)
+    return out
+
+
+def steps_per_epoch(manifest_path, extra_rows: int = 0, processes: int = 1) -> int:
+    """Optimizer steps of one epoch: full batches of 8 per process over the training rows."""
+    return (len(load_manifest(manifest_path).split("train")) + extra_rows) // (8 * processes)
+
+
+def test_train_classifier_writes_the_model_folder(trained, toy_manifest):
+    info = json.loads((trained / "classifier.json").read_text())
+    assert info["arch"] == "test_efficientnet" and info["classes"] == CLASSES
+    assert (info["img_size"], info["load_size"], info["tta"]) == (32, 40, "dihedral")
+    data = info["training"]["data"]
+    synthetic = load_manifest(data["synthetic_manifests"][0])
+    assert data["synthetic_used"] == synthetic.class_counts() and data["synthetic_outside_splits"] == 0
+    assert info["training"]["num_processes"] == 1
+    history = pd.read_csv(trained / "history.csv")
+    assert history["epoch"].tolist() == [1, 2]
+    assert history["val_balanced_accuracy"].between(0, 1).all()
+    assert 1 <= info["training"]["best_epoch"] <= 2
+    steps = steps_per_epoch(toy_manifest, len(synthetic))
+    assert {p.name for p in trained.glob("checkpoint-*")} == {f"checkpoint-{steps}", f"checkpoint-{2 * steps}"}
+    saved = yaml.safe_load((trained / "config.yaml").read_text())
+    assert saved["epochs"] == 2 and saved["manifest"].endswith("manifest.csv")
+    for name in ("predictions.csv", "predictions.meta.json", "metrics.json", "confusion_matrix.png", "roc.png"):
+        assert (trained / "eval-val" / name).is_file()
+    result = cli("train-classifier", "--manifest", load_manifest_path(trained), "--out", trained, expect=2)
+    assert "already exists" in result.output and "--overwrite" in result.output
+
+
+def load_manifest_path(model_dir) -> str:
+    return yaml.safe_load((model_dir / "config.yaml").read_text())["manifest"]
+
+
+def test_evaluate_writes_the_prediction_contract(trained, toy_manifest, tmp_path):
+    out = tmp_path / "eval"
+    result = cli("evaluate", "--model", trained, "--manifest", toy_manifest, "--split", "test", "--out", out,
+                 "--bootstrap", "50")
+    assert "balanced_accuracy" in result.output
+    predictions = pd.read_csv(out / "predictions.csv", dtype={"group_id": str})
+    assert list(predictions.columns) == PREDICTION_COLUMNS
+    test_rows = load_manifest(toy_manifest).split("test").df
+    assert predictions["image"].tolist() == test_rows["image"].tolist()
+    assert predictions["label"].tolist() == test_rows["label"].tolist()
+    probs = predictions[[f"prob_{c}" for c in CLASSES]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    true = probs[np.arange(len(probs)), [CLASSES.index(c) for c in predictions["label"]]]
+    assert np.allclose(predictions["loss"], -np.log(true), atol=1e-5)
+    others = probs.copy()
+    others[np.arange(len(probs)), [CLASSES.index(c) for c in predictions["label"]]] = -1
+    assert np.allclose(predictions["margin"], true - others.max(1), atol=1e-6)
+    assert (predictions["pred"] == [CLASSES[i] for i in probs.argmax(1)]).all()
+    assert (predictions["correct"] == (predictions["pred"] == predictions["label"])).all()
+    meta = json.loads((out / "predictions.meta.json").read_text())
+    assert meta == {"manifest": str(toy_manifest), "manifest_sha256": sha256_file(toy_manifest), "split": "test",
+                    "classes": CLASSES, "model": str(trained)}
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["n_images"] == len(test_rows) and report["n_lesions"] == test_rows["group_id"].nunique()
+    assert report["metrics"]["accuracy"] == pytest.approx(predictions["correct"].mean())
+    low, high = report["ci95"]["balanced_accuracy"]
+    assert 0 <= low <= high <= 1
+    assert set(report["thresholds"]) == {k for k in report["metrics"] if k.startswith("mel_")}
+    assert np.array(report["confusion_matrix"]["counts"]).sum() == len(test_rows)
+    for image in ("confusion_matrix.png", "roc.png"):
+        assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = cli("evaluate", "--model", trained, "--manifest", toy_manifest, "--out", out, expect=2)
+    assert "already exists" in again.output
+
+
+def test_resume_from_a_mid_epoch_checkpoint_reproduces_the_uninterrupted_run(env, toy_manifest, recipe, tmp_path):
+    config = tmp_path / "every4.yaml"
+    config.write_text(yaml.safe_dump({**TINY_RECIPE, "checkpoint_every_steps": 4}))
+    full = tmp_path / "full"
+    cli("train-classifier", "--manifest", toy_manifest, "--config", config, "--out", full)
+    # Pretend the run died in the second epoch, right after its first mid-epoch checkpoint.
+    steps = steps_per_epoch(toy_manifest)
+    mid_second_epoch = (steps // 4 + 1) * 4
+    assert steps < mid_second_epoch < 2 * steps
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    shutil.copy(full / "config.yaml", crashed / "config.yaml")
+    shutil.copytree(full / f"checkpoint-{mid_second_epoch}", crashed / f"checkpoint-{mid_second_epoch}")
+    result = cli("train-classifier", "--out", crashed, "--resume", "latest")
+    assert "resumed from" in result.output
+    for name in (f"checkpoint-{2 * steps}/model.safetensors", "model.safetensors"):
+        a, b = load_file(full / name), load_file(crashed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    pd.testing.assert_frame_equal(pd.read_csv(full / "history.csv"), pd.read_csv(crashed / "history.csv"))
+    changed = cli("train-classifier", "--out", crashed, "--resume", "latest", "--epochs", "3", expect=2)
+    assert "started with another config" in changed.output and "epochs: 2 -> 3" in changed.output
+
+
+def test_bad_inputs_fail_with_clear_errors(env, toy_manifest, recipe, tmp_path):
+    manifest = load_manifest(toy_manifest)
+    out = tmp_path / "never"
+    result = cli("train-classifier", "--manifest", toy_manifest, "--config", recipe, "--arch", "resnet_9000",
+                 "--out", out, expect=2)
+    assert "unknown architecture 'resnet_9000'" in result.output
+    wrong = tmp_path / "resnet10t.safetensors"
+    save_file(timm.create_model("resnet10t").state_dict(), str(wrong))
+    result = cli("train-classifier", "--manifest", toy_manifest, "--config", recipe, "--pretrained", wrong,
+                 "--out", out, expect=2)
+    assert "does not match architecture 'test_efficientnet'" in result.output
+    no_val = tmp_path / "no-val.csv"
+    write_manifest(manifest.subset(manifest.df["split"] != "val"), no_val)
+    result = cli("train-classifier", "--manifest", no_val, "--config", recipe, "--out", out, expect=2)
+    assert "no-val.csv has no rows in split 'val'" in result.output
+    synthetic = make_synthetic_manifest(toy_manifest, tmp_path / "syn", split="train", per_class=1,
+                                        labels=["scc"] * 7)
+    result = cli("train-classifier", "--manifest", toy_manifest, "--synthetic", synthetic, "--config", recipe,
+                 "--out", out, expect=2)
+    assert "synthetic classes ['scc'] are not classes of the real manifest" in result.output
+    assert not out.exists()  # refused runs leave nothing behind
+    all_synthetic_test = tmp_path / "syn-test.csv"
+    df = manifest.df.assign(synthetic=(manifest.df["split"] == "test").astype(int))
+    write_manifest(Manifest(df, manifest.root, manifest.classes), all_synthetic_test)
+    result = cli("evaluate", "--model", tmp_path, "--manifest", all_synthetic_test, "--out", tmp_path / "e", expect=2)
+    assert "not a trained classifier" in result.output
+    result = cli("evaluate", "--manifest", toy_manifest, expect=2)
+    assert "--model" in result.output
+
+
+def test_evaluate_refuses_an_empty_split(trained, toy_manifest, tmp_path):
+    manifest = load_manifest(toy_manifest)
+    path = tmp_path / "syn-test.csv"
+    write_manifest(Manifest(manifest.df.assign(synthetic=(manifest.df["split"] == "test").astype(int)),
+                            manifest.root, manifest.classes), path)
+    result = cli("evaluate", "--model", trained, "--manifest", path, "--split", "test", "--out", tmp_path / "e", expect=2)
+    assert "split 'test' has no real images" in result.output
+
+
+def test_compare_two_models_paired(trained, toy_manifest, recipe, tmp_path):
+    other = tmp_path / "other"
+    cli("train-classifier", "--manifest", toy_manifest, "--config", recipe, "--epochs", "1", "--seed", "1", "--out", other)
+    out = tmp_path / "compare"
+    result = cli("evaluate", "--compare", trained, other, "--manifest", toy_manifest, "--split", "test",
+                 "--bootstrap", "30", "--out", out)
+    assert "McNemar" in result.output
+    comparison = json.loads((out / "comparison.json").read_text())
+    row = comparison["metrics"]["balanced_accuracy"]
+    assert row["difference"] == pytest.approx(row["b"] - row["a"])
+    a = json.loads((out / "a" / "metrics.json").read_text())["metrics"]["balanced_accuracy"]
+    assert row["a"] == pytest.approx(a)
+    assert {"only_a_correct", "only_b_correct", "p_value"} <= set(comparison["mcnemar"])
+    # Evaluation folders compare directly, with the same numbers.
+    again = cli("evaluate", "--compare", out / "a", out / "b", "--bootstrap", "30", "--out", tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "comparison.json").read_text())["metrics"] == comparison["metrics"]
+    assert "B-A" in again.output
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_training_on_two_cpu_processes_gathers_the_single_process_evaluation(env, toy_manifest, recipe, tmp_path):
+    """`accelerate launch` with two gloo processes on the CPU, then a one-process `evaluate` of the same weights.
+
+    accelerate 1.x runs `--cpu --num_processes 2` as ONE process unless MPI is installed; torchrun-style
+    multi-process on the CPU is `--multi_gpu` with ACCELERATE_USE_CPU=true (the processes then use gloo).
+    The test asserts two processes really trained. Validation uses batches of 4 over 17 images, so the
+    last batches are padded with duplicates that the gather must drop.
+    """
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "lesiongen", "train-classifier",
+               "--manifest", str(toy_manifest), "--config", str(recipe), "--out", str(out)]
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    info = json.loads((out / "classifier.json").read_text())
+    assert info["training"]["num_processes"] == 2 and info["training"]["effective_batch_size"] == 16
+    steps = steps_per_epoch(toy_manifest, processes=2)
+    assert {p.name for p in out.glob("checkpoint-*")} == {f"checkpoint-{steps}", f"checkpoint-{2 * steps}"}
+
+    # The same batches of 4 as the processes scored (their shards are whole batches): same arithmetic.
+    cli("evaluate", "--model", out, "--manifest", toy_manifest, "--split", "val", "--bootstrap", "0",
+        "--batch-size", "4", "--out", tmp_path / "single")
+    gathered = pd.read_csv(out / "eval-val" / "predictions.csv")
+    single = pd.read_csv(tmp_path / "single" / "predictions.csv")
+    assert len(gathered) == len(load_manifest(toy_manifest).split("val")) == len(single)
+    assert gathered["image"].tolist() == single["image"].tolist()
+    assert (gathered["pred"] == single["pred"]).all()
+    prob_columns = [f"prob_{c}" for c in CLASSES]
+    assert np.allclose(gathered[prob_columns], single[prob_columns], rtol=0, atol=1e-7)
+    gathered_metrics = json.loads((out / "eval-val" / "metrics.json").read_text())["metrics"]
+    single_metrics = json.loads((tmp_path / "single" / "metrics.json").read_text())["metrics"]
+    assert gathered_metrics == pytest.approx(single_metrics, abs=1e-6)
+
+
+def colour_manifest(folder) -> str:
+    """Seven classes that differ only in hue (51 degrees apart) with noise: learnable in a few epochs."""
+    import colorsys
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for c, name in enumerate(CLASSES):
+        rgb = np.array(colorsys.hsv_to_rgb(c / 7, 0.8, 0.8)) * 255
+        for i in range(16):
+            pixels = np.clip(rgb + rng.normal(0, 25, (24, 24, 3)), 0, 255).astype(np.uint8)
+            image = f"images/{name}-{i}.png"
+            (folder / "images").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(folder / image)
+            rows.append({"image": image, "label": name, "split": "train" if i < 12 else "val", "group_id": f"{name}{i}"})
+    write_manifest(Manifest(pd.DataFrame(rows), folder, CLASSES), folder / "manifest.csv")
+    return str(folder / "manifest.csv")
+
+
+def test_training_learns_an_easy_problem(env, recipe, tmp_path):
+    """Images, labels and sampled positions stay aligned: a colour-coded problem is learned."""
+    manifest = colour_manifest(tmp_path / "colours")
+    out = tmp_path / "model"
+    cli("train-classifier", "--manifest", manifest, "--config", recipe, "--epochs", "6", "--lr", "0.01", "--out", out)
+    history = pd.read_csv(out / "history.csv")
+    assert history["val_balanced_accuracy"].max() >= 0.7  # chance is 1/7
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
