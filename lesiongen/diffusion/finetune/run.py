@@ -1,0 +1,124 @@
+"""One fine-tuning run end to end: output folder rules, resolved config, training, adapter export."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from lesiongen.config import from_dict, load_yaml, save_config, to_dict
+from lesiongen.diffusion.finetune.config import RESUME_LOCKED, FinetuneConfig
+from lesiongen.errors import InputError, OutputExistsError
+from lesiongen.utils.atomic import write_json
+
+CONFIG_FILE = "config.yaml"
+TRAIN_LOG_FILE = "train_log.json"
+CACHE_DIR = "cache"
+
+
+def resolve_config(overrides: dict, *, config_file: str | None = None, resume: str | None = None) -> FinetuneConfig:
+    """Dataclass defaults -> `--config` YAML -> CLI flags; a resumed run starts from its saved config."""
+    overrides = _given(overrides)
+    base: dict = {}
+    out = overrides.get("out")
+    saved = Path(out) / CONFIG_FILE if out else None
+    if resume and saved is not None and saved.is_file():
+        base = load_yaml(saved)
+    if config_file:
+        base = _overlay(base, load_yaml(config_file))
+    config = from_dict(FinetuneConfig, _overlay(base, overrides), where=str(config_file or "finetune settings"))
+    for name in ("base", "manifest", "out"):
+        if not getattr(config, name):
+            raise InputError(f"--{name} is required (or set '{name}' in the --config file)")
+    return config
+
+
+def _overlay(base: dict, top: dict) -> dict:
+    """`top` over `base`, nested groups merged key by key; an explicit null in YAML stays null."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _given(values: dict) -> dict:
+    """Drop flags that were not given (None), nested groups included, so they cannot mask the YAML."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = _given(value)
+        if value is not None and value != {}:
+            out[key] = value
+    return out
+
+
+def prepare_out_dir(config: FinetuneConfig, *, resume: str | None, overwrite: bool) -> Path:
+    """A fresh run needs an empty folder (or --overwrite); a resumed one must keep its locked settings."""
+    out = Path(config.out)
+    saved = out / CONFIG_FILE
+    if resume and saved.is_file():
+        before, now = to_dict(from_dict(FinetuneConfig, load_yaml(saved), where=str(saved))), to_dict(config)
+        changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in RESUME_LOCKED if before[k] != now[k]]
+        if changed:
+            raise InputError(f"--resume {resume}: {out} was trained with other settings ({'; '.join(changed)}); "
+                             "only steps, logging, checkpoint and validation settings may change on resume")
+    elif out.exists() and any(out.iterdir()):
+        if overwrite:
+            shutil.rmtree(out)
+        elif resume:
+            raise OutputExistsError(f"--resume {resume}: {out} is not a finetune run (no {CONFIG_FILE}); "
+                                    "choose another --out, or pass --overwrite to replace it")
+        else:
+            raise OutputExistsError(f"{out} already exists; pass --resume latest to continue its training, "
+                                    "or --overwrite to start again")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, saved)
+    return out
+
+
+def run_finetune(config: FinetuneConfig, *, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Train, then write the adapter in every format with its model card; returns the output folder."""
+    from accelerate import PartialState
+
+    from lesiongen.diffusion.finetune.loop import Trainer
+
+    state = PartialState()
+    if state.is_main_process:
+        prepare_out_dir(config, resume=resume, overwrite=overwrite)
+    state.wait_for_everyone()
+    trainer = Trainer(config, resume=resume).setup()
+    trainer.train()
+    trainer.final_weights()
+    if trainer.accelerator.is_main_process:
+        export_adapter(trainer)
+        shutil.rmtree(Path(config.out) / CACHE_DIR, ignore_errors=True)  # latents only serve unfinished training
+    trainer.accelerator.wait_for_everyone()
+    return Path(config.out)
+
+
+def export_adapter(trainer) -> Path:
+    """The trained weights as an adapter folder (every format), `train_log.json` and the model card."""
+    import torch
+
+    from lesiongen.diffusion.adapters import AdapterInfo, save_adapter
+
+    config, models = trainer.config, trainer.models
+    out = Path(config.out)
+    lora = models.lora_weights()
+    info = AdapterInfo(
+        method=config.method, base=config.base, base_hash=trainer.base_hash, classes=dict(models.tokens.class_tokens),
+        num_vectors=config.tokens.num_vectors, resolution=trainer.resolution, prompt_file=trainer.prompts.source,
+        name=config.name or out.name, steps=trainer.state.step,
+        lora={"rank": config.lora.rank, "alpha": config.lora.lora_alpha, "target_modules": config.lora.target_modules,
+              "text_encoder": config.lora.text_encoder} if lora is not None else {},
+        training={"lr": config.lr, "token_lr": config.tokens.lr, "batch_size": config.batch_size,
+                  "grad_accum": config.grad_accum, "num_train_images": len(trainer.data),
+                  "final_loss": trainer.state.losses[-1]["loss"] if trainer.state.losses else None},
+    )
+    pipeline = None
+    if config.method == "full":
+        pipeline = trainer.pipe.to(torch.float32)
+    grids = sorted((out / "validation").glob("step-*.png"))
+    write_json(out / TRAIN_LOG_FILE, trainer.state.losses)
+    return save_adapter(out, info, lora=lora, embeddings=models.embeddings(), pipeline=pipeline,
+                        card_extras={"losses": trainer.state.losses, "class_counts": trainer.data.class_counts(),
+                                     "validation_grid": grids[-1].relative_to(out).as_posix() if grids else None})

@@ -1,0 +1,160 @@
+"""`lesiongen finetune` end to end on the tiny base and toy data: outputs, loss, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lesiongen.cli.app import app
+
+runner = CliRunner(env={"COLUMNS": "2000"})  # rich would cut long paths in error boxes
+
+
+def finetune(*args: str):
+    return runner.invoke(app, ["finetune", *map(str, args)])
+
+
+def test_adapter_folder_holds_every_format_with_self_describing_metadata(finetuned_adapter_dir):
+    out = finetuned_adapter_dir
+    info = json.loads((out / "adapter.json").read_text())
+    assert info["method"] == "lora+ti" and info["steps"] == 24 and info["resolution"] == 32
+    assert info["classes"]["df"] == "<derm-df>" and info["num_vectors"] == 2 and len(info["base_hash"]) == 64
+    for name in ("pytorch_lora_weights.safetensors", "derm-tiny_kohya.safetensors", "learned_embeds.safetensors",
+                 "embeddings/derm-vasc.safetensors", "README.md", "config.yaml", "train_log.json",
+                 "validation/step-000012.png", "validation/step-000024.png"):
+        assert (out / name).is_file(), name
+    with safe_open(str(out / "derm-tiny_kohya.safetensors"), "pt") as f:
+        header = f.metadata()
+        alphas = {f.get_tensor(k).item() for k in f.keys() if k.endswith(".alpha")}
+    assert alphas == {8.0}  # the true alpha, not the rank diffusers' converter would write
+    assert header["ss_network_dim"] == "4" and header["ss_network_alpha"] == "8"
+    assert header["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert header["lesiongen.base_hash"] == info["base_hash"]
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        adapter_config = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert adapter_config["unet.r"] == 4 and adapter_config["unet.lora_alpha"] == 8
+    with safe_open(str(out / "embeddings/derm-vasc.safetensors"), "pt") as f:
+        assert list(f.keys()) == ["emb_params"] and f.get_tensor("emb_params").shape == (2, 32)
+        assert f.metadata()["lesiongen.token"] == "<derm-vasc>"
+    card = (out / "README.md").read_text()
+    assert "`<derm-df>`" in card and "load_textual_inversion" in card and "rank 4, alpha 8" in card
+
+
+def test_loss_decreases_over_a_short_run(finetuned_adapter_dir):
+    losses = [e["loss"] for e in json.loads((finetuned_adapter_dir / "train_log.json").read_text())]
+    assert len(losses) == 6
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < first - 0.03, losses
+
+
+def test_resume_latest_continues_to_the_same_weights_as_an_uninterrupted_run(finetuned_adapter_dir, tmp_path):
+    """Every random draw of a step is seeded by (seed, step), so stop + resume is bit-identical."""
+    config = finetuned_adapter_dir / "config.yaml"
+    out = tmp_path / "resumed"
+    assert finetune("--config", config, "--out", out, "--steps", "2", "--checkpoint-every", "2").exit_code == 0
+    refused = finetune("--config", config, "--out", out, "--steps", "4")
+    assert refused.exit_code == 2 and "--resume latest" in refused.output
+    result = finetune("--config", config, "--out", out, "--steps", "4", "--resume", "latest")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
+    resumed = load_file(out / "checkpoint-4" / "trainable.safetensors")
+    uninterrupted = load_file(finetuned_adapter_dir / "checkpoint-4" / "trainable.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in resumed.items())
+    changed = finetune("--out", out, "--steps", "6", "--rank", "8", "--resume", "latest")
+    assert changed.exit_code == 2 and "lora" in changed.output and "other settings" in changed.output
+
+
+def test_a_base_that_is_not_a_pipeline_is_refused(toy_data_dir, toy_manifest, tmp_path):
+    result = finetune("--base", toy_data_dir, "--manifest", toy_manifest, "--out", tmp_path / "x", "--steps", "1")
+    assert result.exit_code == 2
+    assert "not a diffusers pipeline folder" in result.output and "model_index.json" in result.output
+
+
+def test_a_class_missing_from_the_prompt_file_is_refused(tiny_pipeline_dir, toy_manifest, tmp_path):
+    text = (load_prompt_text()).replace("  vasc:\n", "  vascular-unused:\n")
+    prompts = tmp_path / "six.yaml"
+    prompts.write_text(text)
+    result = finetune("--base", tiny_pipeline_dir, "--manifest", toy_manifest, "--prompts", prompts,
+                      "--out", tmp_path / "x", "--steps", "1")
+    assert result.exit_code == 2
+    assert "['vasc'] are not in the prompt file" in result.output and "--prompts" in result.output
+
+
+def load_prompt_text() -> str:
+    from lesiongen.data.prompts import builtin_prompt_file
+
+    return builtin_prompt_file("ham10000").read_text()
+
+
+def test_a_token_that_already_exists_in_the_tokenizer_is_refused(tiny_pipeline_dir, toy_manifest, tmp_path):
+    from lesiongen.diffusion.loading import load_pipeline
+
+    pipe = load_pipeline(tiny_pipeline_dir)
+    pipe.tokenizer.add_tokens(["<derm-bcc>"])
+    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
+    pipe.save_pretrained(tmp_path / "base-with-tokens")
+    result = finetune("--base", tmp_path / "base-with-tokens", "--manifest", toy_manifest, "--out", tmp_path / "x",
+                      "--steps", "1")
+    assert result.exit_code == 2
+    assert "token '<derm-bcc>' already exists in the tokenizer" in result.output
+
+
+def test_a_resolution_the_vae_cannot_take_is_refused(tiny_pipeline_dir, toy_manifest, tmp_path):
+    result = finetune("--base", tiny_pipeline_dir, "--manifest", toy_manifest, "--out", tmp_path / "x",
+                      "--resolution", "30", "--steps", "1")
+    assert result.exit_code == 2
+    assert "--resolution 30" in result.output and "multiple of 4" in result.output
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_pipeline_dir, toy_manifest,
+                                                                               tmp_path):
+    out = tmp_path / "diverged"
+    result = finetune("--base", tiny_pipeline_dir, "--manifest", toy_manifest, "--out", out, "--method", "lora",
+                      "--lr", "1e30", "--steps", "4", "--batch-size", "2", "--checkpoint-every", "1",
+                      "--log-every", "1", "--validate-every", "0")
+    assert result.exit_code == 2, result.output
+    assert "training diverged: the loss became nan at step 2" in result.output
+    assert "checkpoint-1" in result.output and "Lower --lr" in result.output
+    assert (out / "checkpoint-1" / "trainable.safetensors").is_file()
+    assert not (out / "checkpoint-2").exists() and not (out / "adapter.json").exists()
+
+
+def test_bad_flag_values_are_rejected_before_any_work(tmp_path):
+    result = finetune("--base", "b", "--manifest", tmp_path / "m.csv", "--method", "dreambooth")
+    assert result.exit_code == 2 and "dreambooth" in result.output
+
+
+@pytest.mark.parametrize("method, options", [
+    ("ti", ["--grad-accum", "2", "--gradient-checkpointing", "--no-cache-latents", "--resolution", "24"]),
+    ("full", ["--ema", "--noise-offset", "0.05", "--checkpoint-limit", "1"]),
+])
+def test_other_methods_and_options_train_and_load_back(method, options, tiny_pipeline_dir, toy_manifest, tmp_path):
+    """`ti` writes only embeddings, `full` a whole pipeline; load_adapted_pipeline loads both."""
+    from lesiongen.diffusion.adapters import load_adapted_pipeline
+
+    out = tmp_path / method
+    result = finetune("--base", tiny_pipeline_dir, "--manifest", toy_manifest, "--out", out, "--method", method,
+                      "--steps", "2", "--batch-size", "2", "--checkpoint-every", "1", "--validate-every", "0",
+                      "--config", quick_config(tmp_path), *options)
+    assert result.exit_code == 0, result.output
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    assert (out / "pipeline" / "model_index.json").is_file() == (method == "full")
+    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == (["checkpoint-2"] if method == "full" else
+                                                                   ["checkpoint-1", "checkpoint-2"])
+    assert json.loads((out / "adapter.json").read_text())["resolution"] == (24 if method == "ti" else 32)
+    pipe = load_adapted_pipeline(tiny_pipeline_dir, out)
+    assert "<derm-mel>" in pipe.tokenizer.get_vocab()
+
+
+def quick_config(tmp_path):
+    path = tmp_path / "quick.yaml"
+    path.write_text("validation_steps: 1\nvalidation_images_per_class: 1\naugment: []\n")
+    return path
