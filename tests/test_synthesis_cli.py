@@ -1,0 +1,224 @@
+"""`lesiongen mine-and-generate` end to end on the tiny base and toy data, through the CLI.
+
+The inputs are made by the project's own commands: `train-classifier` + `evaluate` give predictions.csv,
+`finetune` gives the adapter. Then mine -> invert -> vary -> filter runs, and every synthetic row must
+trace back to a mined real image of the same class, split and lesion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from lesiongen.cli.app import app
+from lesiongen.data.manifest import load_manifest
+from lesiongen.synthesis.mining import LEAKAGE_WARNING
+from lesiongen.synthesis.variants import variant_seed
+
+runner = CliRunner()
+CLASSIFIER_RECIPE = {
+    "arch": "test_efficientnet", "pretrained": "none", "img_size": 32, "load_size": 40, "epochs": 1,
+    "batch_size": 8, "eval_batch_size": 8, "early_stopping_patience": None, "checkpoints_total_limit": None,
+    "tta": "none",
+}
+# Cheap settings for runs that check bookkeeping rather than reconstruction quality.
+QUICK = ["--inversion-steps", "10", "--variants-per-image", "1", "--min-inversion-psnr", "0", "--batch-size", "4"]
+
+
+def cli(*args, expect: int = 0):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == expect, result.output + (repr(result.exception) if result.exception else "")
+    return result
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, toy_manifest, tiny_pipeline_dir):
+    """A classifier, its predictions on val and test, and an adapter, all made through the CLI."""
+    root = tmp_path_factory.mktemp("synthesis-inputs")
+    saved = {k: os.environ.get(k) for k in ("LESIONGEN_CACHE", "OMP_NUM_THREADS")}
+    os.environ.update(LESIONGEN_CACHE=str(root / "cache"), OMP_NUM_THREADS="1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine's cores are shared; spinning threads crawl
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(CLASSIFIER_RECIPE))
+    cli("train-classifier", "--manifest", toy_manifest, "--config", recipe, "--out", root / "classifier")
+    for split in ("val", "test"):
+        cli("evaluate", "--model", root / "classifier", "--manifest", toy_manifest, "--split", split,
+            "--bootstrap", "0", "--out", root / f"eval-{split}")
+    cli("finetune", "--base", tiny_pipeline_dir, "--manifest", toy_manifest, "--steps", "1", "--batch-size", "2",
+        "--validate-every", "1000", "--out", root / "adapter")
+    yield root
+    torch.set_num_threads(threads)
+    for key, value in saved.items():
+        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+def common(made, toy_manifest, tiny_pipeline_dir, out, split="val"):
+    return ["mine-and-generate", "--predictions", made / f"eval-{split}" / "predictions.csv",
+            "--manifest", toy_manifest, "--base", tiny_pipeline_dir, "--out", out]
+
+
+def test_mine_invert_vary_filter_traces_every_row_back(made, toy_manifest, tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "hard"
+    args = [*common(made, toy_manifest, tiny_pipeline_dir, out), "--adapter", made / "adapter",
+            "--classifier", made / "classifier", "--max-cases", "2", "--batch-size", "1", "--inversion-steps", "50",
+            "--fixed-point-iterations", "10", "--variants-per-image", "2", "--strength", "0.4", "--guidance", "2",
+            "--min-label-prob", "0.05"]
+    result = cli(*args)
+    assert "2 hard cases inverted" in result.output
+
+    real = load_manifest(toy_manifest).df.set_index("image")
+    hard = pd.read_csv(out / "hard_cases.csv")
+    predictions = pd.read_csv(made / "eval-val" / "predictions.csv").set_index("image")
+    assert len(hard) == 2 and set(hard["split"]) == {"val"}
+    for case in hard.itertuples():
+        assert case.image in predictions.index and case.reason in ("misclassified", "low-margin", "high-loss")
+        assert (case.reason == "misclassified") == (predictions.loc[case.image, "pred"] != case.label)
+        # the round trip is reported per image; 50 refined steps reproduce the latent (see test_synthesis_inversion)
+        assert case.latent_error < 0.05 and case.inversion_psnr > 30 and 0 < case.recon_psnr < 100
+        assert (out / "reconstructions" / case.label).is_dir()
+
+    synthetic = load_manifest(out / "manifest.csv")  # the shared loader validates the contract
+    summary = json.loads((out / "summary.json").read_text())
+    candidates = pd.read_csv(out / "candidates.csv")
+    assert len(candidates) == 4 and summary["variants"] == 4 and summary["kept"] == len(synthetic) > 0
+    assert synthetic.classes == load_manifest(toy_manifest).classes
+    assert summary["adapter_hash"] and summary["label_filter"].startswith("on") and summary["memorization_filter"] == "on"
+    mined = hard.set_index("image")
+    for row in synthetic.df.itertuples():
+        assert row.source_image in mined.index  # a mined image ...
+        source = real.loc[row.source_image]  # ... that is a real image of the manifest
+        assert (row.label, row.split, row.group_id) == (source["label"], source["split"], source["group_id"])
+        assert str(row.synthetic) == "1" and row.method == "img2img" and float(row.strength) == 0.4
+        assert int(row.seed) == variant_seed(0, row.source_image, int(row.variant_index))
+        assert row.generator_hash == summary["generator_hash"] and row.adapter_hash == summary["adapter_hash"]
+        assert float(row.p_label) >= 0.05 and (out / row.image).is_file() and row.image.startswith("images/")
+    rejected = candidates[candidates["keep"] == 0]
+    assert all((out / image).is_file() and image.startswith("rejected/") for image in rejected["image"])
+    assert not set(rejected["image"]) & set(synthetic.df["image"])
+    assert "leakage_warning" not in yaml.safe_load((out / "config.yaml").read_text())
+
+    # Resume: a finished run redoes nothing; a lost source is made again, identically. (Batches of one:
+    # CPU kernels round differently at other batch sizes, which moves a pixel by 1 at most, see
+    # test_variants_depend_on_their_seed_not_on_their_batch.)
+    first_manifest = (out / "manifest.csv").read_bytes()
+    records = sorted((out / "records").glob("*.json"))
+    stamps = [p.stat().st_mtime_ns for p in records]
+    cli(*args)
+    assert [p.stat().st_mtime_ns for p in records] == stamps
+    lost = json.loads(records[0].read_text())
+    before = {v["image"]: (out / v["image"]).read_bytes() for v in lost["variants"]}
+    records[0].unlink()
+    for image in before:
+        (out / image).unlink()
+    cli(*args)
+    assert {image: (out / image).read_bytes() for image in before} == before
+    assert (out / "manifest.csv").read_bytes() == first_manifest
+
+    changed = cli(*args[:-1], "0.2", expect=2)  # --min-label-prob changed
+    assert "other settings (filters differ)" in changed.output and "--overwrite" in changed.output
+
+
+def test_test_split_mining_is_flagged_everywhere(made, toy_manifest, tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "leaky"
+    refused = cli(*common(made, toy_manifest, tiny_pipeline_dir, out, "test"), "--split", "test", *QUICK, expect=2)
+    assert "--allow-test-mining" in refused.output and not out.exists()
+    result = cli(*common(made, toy_manifest, tiny_pipeline_dir, out, "test"), "--split", "test",
+                 "--allow-test-mining", "--max-cases", "2", "--no-memorization-filter", *QUICK)
+    assert "LEAKAGE" in result.output
+    assert yaml.safe_load((out / "config.yaml").read_text())["leakage_warning"] == LEAKAGE_WARNING
+    assert json.loads((out / "summary.json").read_text())["leakage_warning"] == LEAKAGE_WARNING
+    assert json.loads((out / "manifest.meta.json").read_text())["leakage_warning"] == LEAKAGE_WARNING
+    for table in ("manifest.csv", "candidates.csv", "hard_cases.csv"):
+        frame = pd.read_csv(out / table)
+        assert len(frame) and (frame["leakage_warning"] == LEAKAGE_WARNING).all(), table
+    assert set(pd.read_csv(out / "manifest.csv")["split"]) == {"test"}
+
+
+def test_failed_reconstructions_make_no_variants(made, toy_manifest, tiny_pipeline_dir, tmp_path):
+    # plain DDIM inversion on the random tiny base is far off (see test_synthesis_inversion): all fail 20 dB
+    out = tmp_path / "failed"
+    result = cli(*common(made, toy_manifest, tiny_pipeline_dir, out), "--max-cases", "2", "--inversion-steps", "10",
+                 "--no-memorization-filter")
+    assert "2 failed" in result.output
+    hard = pd.read_csv(out / "hard_cases.csv")
+    assert hard["verdict"].str.startswith("failed-reconstruction").all() and (hard["kept_variants"] == 0).all()
+    assert len(pd.read_csv(out / "manifest.csv")) == 0 and not (out / "images").exists()
+
+
+def test_bad_input(made, toy_manifest, tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "bad"
+    base = common(made, toy_manifest, tiny_pipeline_dir, out)
+    for strength in ("0", "1.5", "-0.1"):
+        result = cli(*base, "--strength", strength, expect=2)
+        assert "--strength" in result.output and "(0, 1]" in result.output
+
+    other_manifest = tmp_path / "other" / "manifest.csv"
+    other_manifest.parent.mkdir()
+    shutil.copy(toy_manifest, other_manifest)
+    shutil.copy(toy_manifest.with_name("manifest.meta.json"), other_manifest.with_name("manifest.meta.json"))
+    frame = pd.read_csv(other_manifest)
+    frame.iloc[::-1].to_csv(other_manifest, index=False)  # same rows, another file
+    result = cli("mine-and-generate", "--predictions", made / "eval-val" / "predictions.csv", "--manifest",
+                 other_manifest, "--base", tiny_pipeline_dir, "--out", out, expect=2)
+    assert "made from another manifest" in result.output and "manifest_sha256" in result.output
+
+    from lesiongen.diffusion.build import build_pipeline
+
+    other_base = tmp_path / "other-base"
+    build_pipeline("tiny", seed=1).save_pretrained(other_base, safe_serialization=True)
+    result = cli("mine-and-generate", "--predictions", made / "eval-val" / "predictions.csv", "--manifest",
+                 toy_manifest, "--base", other_base, "--adapter", made / "adapter", "--out", out, *QUICK, expect=2)
+    assert "was trained on another base" in result.output and str(other_base) in result.output
+
+    empty = tmp_path / "eval-perfect" / "predictions.csv"
+    empty.parent.mkdir()
+    predictions = pd.read_csv(made / "eval-val" / "predictions.csv")
+    probs = [c for c in predictions if c.startswith("prob_")]
+    predictions[probs] = 0.01
+    for i, label in enumerate(predictions["label"]):  # a perfect, confident classifier
+        predictions.loc[i, f"prob_{label}"] = 0.94
+    predictions = predictions.assign(pred=predictions["label"], correct=1, loss=0.062, margin=0.93)
+    predictions.to_csv(empty, index=False)
+    shutil.copy(made / "eval-val" / "predictions.meta.json", empty.with_name("predictions.meta.json"))
+    result = cli("mine-and-generate", "--predictions", empty, "--manifest", toy_manifest, "--base",
+                 tiny_pipeline_dir, "--out", out, expect=2)
+    assert "Error: no hard cases" in result.output and "0 misclassified" in result.output
+    assert not out.exists()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_make_the_same_images_as_one(made, toy_manifest, tiny_pipeline_dir, tmp_path):
+    """Sharded over two gloo CPU processes (`--multi_gpu` + ACCELERATE_USE_CPU, see the classifier tests)."""
+    # batches of one, so both runs compute each image alike (see the resume check above)
+    args = ["--max-cases", "2", "--no-memorization-filter", "--variants-per-image", "2", "--inversion-steps", "10",
+            "--min-inversion-psnr", "0", "--batch-size", "1"]
+    one = tmp_path / "one"
+    cli(*common(made, toy_manifest, tiny_pipeline_dir, one), *args)
+    two = tmp_path / "two"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "lesiongen",
+               *map(str, common(made, toy_manifest, tiny_pipeline_dir, two)), *args]
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    single, sharded = pd.read_csv(one / "candidates.csv"), pd.read_csv(two / "candidates.csv")
+    assert len(single) == 4 and single.equals(sharded)
+    for image in single["image"]:
+        assert (one / image).read_bytes() == (two / image).read_bytes()
