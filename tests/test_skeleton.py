@@ -50,6 +50,7 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path):
     assert list(tmp_path.iterdir()) == []
     write_json(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1}
+    assert target.stat().st_mode & 0o044 == 0o044  # readable by others, like any file the user writes
 
 
 def test_ensure_writable_refuses_existing_output(tmp_path):
