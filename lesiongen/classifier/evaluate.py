@@ -136,7 +136,7 @@ def evaluate_model(model_dir: str | os.PathLike, manifest_path: str | os.PathLik
     from lesiongen.classifier.data import decode, real_split
     from lesiongen.classifier.models import load_classifier
     from lesiongen.classifier.predict import predict_distributed
-    from lesiongen.classifier.weights import default_cache_dir
+    from lesiongen.utils.cache import cache_root
     from lesiongen.data.manifest import load_manifest
 
     accelerator = accelerator or Accelerator()
@@ -144,7 +144,7 @@ def evaluate_model(model_dir: str | os.PathLike, manifest_path: str | os.PathLik
     # Labels are read against the model's classes: a label the model does not know is an error naming the row.
     manifest = load_manifest(manifest_path, classes=list(info.classes))
     rows = real_split(manifest, split)
-    cache = Path(cache_dir or default_cache_dir()) / "images"
+    cache = Path(cache_dir or cache_root()) / "images"
     with accelerator.main_process_first():  # the first process decodes and caches, the others read the cache
         data = decode(rows.image_paths(), rows.label_indices(), info.decode_size, cache_dir=cache)
     probs = predict_distributed(accelerator, model, info, data.images, batch_size=batch_size)

@@ -147,11 +147,11 @@ class ClassifierTrainer:
 
     def setup(self) -> None:
         """Validate the inputs, create the model, decode the data, and prepare everything with accelerate."""
-        from lesiongen.classifier.weights import default_cache_dir
+        from lesiongen.utils.cache import cache_root
         from lesiongen.data.manifest import load_manifest
 
         cfg, acc = self.config, self.accelerator
-        cache = self.cache_dir or default_cache_dir()
+        cache = self.cache_dir or cache_root()
         manifest = load_manifest(cfg.manifest)
         self.val_rows = real_split(manifest, "val")
         real_split(manifest, "train")

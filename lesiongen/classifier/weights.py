@@ -16,11 +16,7 @@ import torch
 
 from lesiongen.errors import InputError
 from lesiongen.utils.atomic import atomic_path
-
-
-def default_cache_dir() -> Path:
-    """$LESIONGEN_CACHE, else ~/.cache/lesiongen."""
-    return Path(os.environ.get("LESIONGEN_CACHE") or Path.home() / ".cache" / "lesiongen")
+from lesiongen.utils.cache import cache_root
 
 
 # Top-level modules of EfficientNet-PyTorch -> timm.
@@ -85,7 +81,7 @@ def imagenet_weights_file(arch: str, cache_dir: str | os.PathLike | None = None)
         raise InputError(f"--pretrained imagenet: no offline ImageNet weights exist for '{arch}' (no model hub "
                          f"here); available for {sorted(OFFLINE_IMAGENET)}. Pass --pretrained none or a "
                          ".safetensors file in timm's layout for this architecture")
-    path = Path(cache_dir or default_cache_dir()) / "weights" / f"{arch}.in1k.safetensors"
+    path = Path(cache_dir or cache_root()) / "weights" / f"{arch}.in1k.safetensors"
     if not path.is_file():
         from safetensors.torch import save_file
 

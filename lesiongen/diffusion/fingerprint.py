@@ -57,9 +57,9 @@ def _folder_hash(folder: Path) -> str:
 
 
 def _memo_file() -> Path:
-    from lesiongen.diffusion.tokenizer import default_cache_root
+    from lesiongen.utils.cache import cache_root
 
-    return default_cache_root() / "file-sha256.json"
+    return cache_root() / "file-sha256.json"
 
 
 def _memo_sha256(path: Path) -> str:

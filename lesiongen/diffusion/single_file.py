@@ -99,7 +99,7 @@ def _embedded_config_dir(path: Path) -> Path | None:
         return None
     from safetensors import safe_open
 
-    from lesiongen.diffusion.tokenizer import default_cache_root
+    from lesiongen.utils.cache import cache_root
     from lesiongen.utils.hashing import sha256_file
 
     try:
@@ -110,7 +110,7 @@ def _embedded_config_dir(path: Path) -> Path | None:
     if EMBEDDED_CONFIG_KEY not in metadata:
         return None
     configs = json.loads(metadata[EMBEDDED_CONFIG_KEY])
-    out = default_cache_root() / "single-file-configs" / sha256_file(path)[:16]
+    out = cache_root() / "single-file-configs" / sha256_file(path)[:16]
     if not (out / "model_index.json").is_file():
         write_config_dir(out, configs)
     return out
@@ -118,11 +118,11 @@ def _embedded_config_dir(path: Path) -> Path | None:
 
 def _sd15_config_dir_if_matching(path: Path, *, offline: bool) -> Path | None:
     """SD 1.5 configs for a checkpoint with SD 1.5's shapes; None online (diffusers fetches its own)."""
-    from lesiongen.diffusion.tokenizer import default_cache_root
+    from lesiongen.utils.cache import cache_root
 
     shapes = _key_shapes(path, list(_SD15_SHAPES))
     if all(shapes.get(k) == v for k, v in _SD15_SHAPES.items()):
-        out = default_cache_root() / "single-file-configs" / "sd15"
+        out = cache_root() / "single-file-configs" / "sd15"
         if not (out / "model_index.json").is_file():
             write_config_dir(out, preset_configs(get_preset("sd15")))
         return out

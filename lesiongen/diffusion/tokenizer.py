@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from lesiongen.utils.atomic import write_text
+from lesiongen.utils.cache import cache_root
 from lesiongen.utils.hashing import sha256_file
 
 CLIP_VOCAB_SIZE = 49_408
@@ -22,14 +23,6 @@ CLIP_NUM_MERGES = CLIP_VOCAB_SIZE - 2 * 256 - 2  # 48,894
 CLIP_MAX_LENGTH = 77
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
-
-
-def default_cache_root() -> Path:
-    """`$LESIONGEN_CACHE` or `~/.cache/lesiongen`: derived assets that can always be rebuilt."""
-    env = os.environ.get("LESIONGEN_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lesiongen"
 
 
 def open_clip_bpe_path() -> Path:
@@ -97,7 +90,7 @@ def build_clip_tokenizer(cache_dir: str | os.PathLike | None = None):
 
     bpe_path = open_clip_bpe_path()
     if cache_dir is None:
-        cache_dir = default_cache_root() / f"clip-tokenizer-{sha256_file(bpe_path)[:12]}"
+        cache_dir = cache_root() / f"clip-tokenizer-{sha256_file(bpe_path)[:12]}"
     cache_dir = Path(cache_dir)
     if not (cache_dir / "tokenizer_config.json").is_file():
         write_tokenizer_files(cache_dir, bpe_path)

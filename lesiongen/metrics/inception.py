@@ -125,9 +125,9 @@ def convert_fid_helper_inception(source: Path) -> dict[str, torch.Tensor]:
 
 
 def default_cache_dir() -> Path:
-    from lesiongen.diffusion.tokenizer import default_cache_root
+    from lesiongen.utils.cache import cache_root
 
-    return default_cache_root() / "fid-inception"
+    return cache_root() / "fid-inception"
 
 
 def fid_inception_weights(cache_dir: str | os.PathLike | None = None) -> Path:

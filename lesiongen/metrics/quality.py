@@ -326,7 +326,7 @@ def _distances_and_prdc(real: Tensor, fake: Tensor, config: QualityConfig, with_
 def evaluate_images(real: ImageSet, synthetic: ImageSet, *, spaces: list[FeatureSpace],
                     config: QualityConfig | None = None) -> QualityResult:
     """Every quality measure of `synthetic` against `real` (same classes, same resolution)."""
-    from lesiongen.diffusion.tokenizer import default_cache_root
+    from lesiongen.utils.cache import cache_root
 
     config = config or QualityConfig()
     if real.classes != synthetic.classes:
@@ -334,7 +334,7 @@ def evaluate_images(real: ImageSet, synthetic: ImageSet, *, spaces: list[Feature
     if real.images.shape[-2:] != synthetic.images.shape[-2:]:
         raise InputError(f"real images are {real.resolution} but synthetic ones {synthetic.resolution}; "
                          "load both at one resolution (evaluate_synthetic resizes with PIL bicubic)")
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_root()
+    cache_dir = Path(config.cache_dir) if config.cache_dir else cache_root()
     warnings: list[str] = []
     features = {space.name: (compute_features(real, space, cache_dir), compute_features(synthetic, space, cache_dir))
                 for space in spaces}
