@@ -1,4 +1,4 @@
-"""Unit tests of the fine-tuning library: tokens, captions, prompt encoding, data, config, checkpoints."""
+"""Unit tests of the fine-tuning library: tokens, captions, prompt encoding, data, config."""
 
 from __future__ import annotations
 
@@ -181,20 +181,6 @@ def test_bad_settings_are_named(bad, message):
 
     with pytest.raises(InputError, match=message):
         from_dict(FinetuneConfig, bad, where="settings.yaml")
-
-
-def test_checkpoints_listed_resolved_and_pruned(tmp_path):
-    from lesiongen.diffusion.finetune import checkpoints
-
-    for step in (2, 10, 4):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / checkpoints.STATE_FILE).write_text("{}")
-    (tmp_path / "checkpoint-12").mkdir()  # no state file: an unfinished write is never "latest"
-    assert [s for s, _ in checkpoints.list_checkpoints(tmp_path)] == [2, 4, 10]
-    assert checkpoints.resolve_resume(tmp_path, "latest").name == "checkpoint-10"
-    assert checkpoints.resolve_resume(tmp_path / "empty", "latest") is None
-    with pytest.raises(InputError, match="no complete checkpoint"):
-        checkpoints.resolve_resume(tmp_path, "checkpoint-12")
 
 
 def test_settings_layer_defaults_then_yaml_then_flags(tmp_path):

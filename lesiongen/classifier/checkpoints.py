@@ -7,20 +7,15 @@ folder named `checkpoint-N` is complete and self-contained. Only the newest `tot
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lesiongen.errors import InputError
-from lesiongen.utils.atomic import write_json
+from lesiongen.utils.checkpoints import list_checkpoints, read_state, resolve_resume, save_accelerate_checkpoint
 
-PREFIX = "checkpoint-"
-STATE_FILE = "trainer_state.json"
-_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+__all__ = ["TrainerState", "list_checkpoints", "resolve_resume", "save_checkpoint", "restore_best"]
 
 
 @dataclass
@@ -40,38 +35,17 @@ class TrainerState:
 
     @classmethod
     def read(cls, checkpoint: Path) -> TrainerState:
-        path = checkpoint / STATE_FILE
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise InputError(f"{path}: unreadable trainer state ({err})") from err
+        data = read_state(checkpoint)
         data["best_score"] = -math.inf if data.get("best_score") is None else data["best_score"]
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise InputError(f"{checkpoint}: not a classifier checkpoint ({err})") from err
 
     def to_json(self) -> dict:
         data = asdict(self)
         data["best_score"] = None if math.isinf(self.best_score) else self.best_score
         return data
-
-
-def list_checkpoints(out_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not out_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in out_dir.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def find_checkpoint(out_dir: Path, resume: str) -> Path | None:
-    """`latest` -> the newest checkpoint in out_dir (None when there is none); otherwise a checkpoint path."""
-    if resume == "latest":
-        checkpoints = list_checkpoints(out_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise InputError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}); pass 'latest' or a "
-                         f"{PREFIX}N folder")
-    return path
 
 
 BEST_DIR = "best"
@@ -80,27 +54,14 @@ BEST_DIR = "best"
 def save_checkpoint(accelerator, out_dir: Path, state: TrainerState, total_limit: int | None,
                     best_files: list[Path] = ()) -> Path:
     """Collective: every process must call it. `best_files` (the best model so far) are copied in."""
-    final = out_dir / f"{PREFIX}{state.global_step}"
-    partial = out_dir / f".{final.name}.partial"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(partial / STATE_FILE, state.to_json())
+
+    def add_best(folder: Path) -> None:
         if best_files:
-            (partial / BEST_DIR).mkdir()
+            (folder / BEST_DIR).mkdir()
             for path in best_files:
-                shutil.copy2(path, partial / BEST_DIR / path.name)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        if total_limit is not None:
-            for old in list_checkpoints(out_dir)[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+                shutil.copy2(path, folder / BEST_DIR / path.name)
+
+    return save_accelerate_checkpoint(accelerator, out_dir, state.global_step, state.to_json(), total_limit, add_best)
 
 
 def restore_best(checkpoint: Path, out_dir: Path) -> None:

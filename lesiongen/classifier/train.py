@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 from lesiongen.classifier.augment import DeviceAugment
 from lesiongen.classifier.checkpoints import (
     TrainerState,
-    find_checkpoint,
     list_checkpoints,
+    resolve_resume,
     restore_best,
     save_checkpoint,
 )
@@ -113,7 +113,7 @@ class ClassifierTrainer:
         self.config, self.out_dir = config, Path(out_dir)
         mixed_precision = resolve_mixed_precision(config.mixed_precision, _launch_device())
         self.accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=config.grad_accum)
-        self.checkpoint = find_checkpoint(self.out_dir, resume) if resume else None
+        self.checkpoint = resolve_resume(self.out_dir, resume) if resume else None
         self._leftovers = self._check_out_dir(resume, overwrite)
         set_seed(config.seed, device_specific=True)  # different augmentation per process, same per seed
         if self.accelerator.device.type == "cuda":

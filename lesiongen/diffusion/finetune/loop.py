@@ -19,7 +19,7 @@ import torch
 
 from lesiongen.data.prompts import PromptSet, load_prompts
 from lesiongen.diffusion.captions import CaptionSampler
-from lesiongen.diffusion.finetune import checkpoints
+from lesiongen.utils import checkpoints
 from lesiongen.diffusion.finetune.config import FinetuneConfig
 from lesiongen.diffusion.finetune.data import (CachedLatents, EncodedLatents, ImageSource, StepRandomness,
                                                TrainingSet, draw_batch, flip_variants)
@@ -30,6 +30,10 @@ from lesiongen.errors import LesiongenError
 
 logger = logging.getLogger(__name__)
 
+
+# What a checkpoint holds besides accelerate's optimizer / scheduler / RNG state: only what trains (LoRA,
+# learned token rows, or the UNet for `full`), not accelerate's copy of every prepared model.
+TRAINABLE_FILE = "trainable.safetensors"
 
 class TrainingDivergedError(LesiongenError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
@@ -189,13 +193,13 @@ class Trainer:
 
         weights.clear()
         if self.accelerator.is_main_process:
-            write_safetensors(Path(output_dir) / checkpoints.TRAINABLE_FILE, self.models.state_dict(), {})
+            write_safetensors(Path(output_dir) / TRAINABLE_FILE, self.models.state_dict(), {})
 
     def _load_hook(self, models, input_dir) -> None:
         from lesiongen.diffusion.lora_files import read_tensors
 
         models.clear()
-        self.models.load_state_dict(read_tensors(Path(input_dir) / checkpoints.TRAINABLE_FILE))
+        self.models.load_state_dict(read_tensors(Path(input_dir) / TRAINABLE_FILE))
 
     def _resume(self) -> None:
         checkpoint = checkpoints.resolve_resume(self.out_dir, self.resume)
@@ -269,8 +273,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{self.state.losses[-1]['loss']:.4f}")
             if self.state.step % config.checkpoint_every == 0 or done:
                 self._flush(last_checkpoint)
-                checkpoints.save_checkpoint(accelerator, self.out_dir, self.state.step, vars(self.state),
-                                            config.checkpoint_limit)
+                checkpoints.save_accelerate_checkpoint(accelerator, self.out_dir, self.state.step, vars(self.state),
+                                                       config.checkpoint_limit)
                 last_checkpoint = self.state.step
             if (config.validate_every and self.state.step % config.validate_every == 0) or done:
                 self.validate()

@@ -1,0 +1,98 @@
+"""`checkpoint-N/` folders shared by every trainer (classifier, fine-tuning, base pretraining).
+
+N is the optimizer step. A folder counts as a checkpoint only once its `trainer_state.json` is in place,
+and it is written under a hidden temporary name and renamed, so a killed run never leaves a folder
+that looks complete. `--resume latest` picks the newest; only the newest `total_limit` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from lesiongen.errors import InputError
+from lesiongen.utils.atomic import write_json
+
+PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in `folder`, oldest (lowest step) first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(checkpoint: str | os.PathLike) -> int:
+    match = _NAME.match(Path(checkpoint).name)
+    if not match:
+        raise InputError(f"{checkpoint}: not a {PREFIX}N folder")
+    return int(match.group(1))
+
+
+def resolve_resume(folder: str | os.PathLike, resume: str | None) -> Path | None:
+    """`latest` -> the newest checkpoint (None when there is none yet); otherwise a path or a name in
+    `folder` that must hold a complete checkpoint."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(folder)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_absolute() and not path.exists():
+        path = Path(folder) / resume
+    if not (path / STATE_FILE).is_file():
+        available = [p.name for p in list_checkpoints(folder)]
+        raise InputError(f"--resume {resume}: no complete checkpoint there (no {STATE_FILE}); pass 'latest' or "
+                         f"one of {available or f'the {PREFIX}N folders (none in {folder} yet)'}")
+    return path
+
+
+def read_state(checkpoint: str | os.PathLike) -> dict:
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: unreadable trainer state ({err})") from err
+
+
+def prune_checkpoints(folder: str | os.PathLike, total_limit: int | None) -> None:
+    """Delete all but the newest `total_limit` checkpoints (None keeps all)."""
+    if total_limit is None:
+        return
+    for old in list_checkpoints(folder)[:-total_limit] if total_limit > 0 else list_checkpoints(folder):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_accelerate_checkpoint(accelerator, folder: str | os.PathLike, step: int, state: dict,
+                               total_limit: int | None,
+                               add_files: Callable[[Path], None] | None = None) -> Path:
+    """Collective (every process calls it): accelerate's state (model, optimizer, scheduler, one RNG file
+    per process) into a hidden folder; the main process adds `add_files(tmp)` and the trainer state,
+    renames it to `checkpoint-<step>` and prunes."""
+    folder = Path(folder)
+    final = folder / f"{PREFIX}{step}"
+    partial = folder / f".{final.name}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if add_files is not None:
+            add_files(partial)
+        write_json(partial / STATE_FILE, state)  # last: its presence marks the folder complete
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        prune_checkpoints(folder, total_limit)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,46 @@
+"""The `checkpoint-N/` convention every trainer shares: listing, --resume, pruning, atomic saving."""
+
+from __future__ import annotations
+
+import pytest
+
+from lesiongen.errors import InputError
+from lesiongen.utils import checkpoints
+
+
+def _make(folder, step, complete=True):
+    (folder / f"checkpoint-{step}").mkdir(parents=True)
+    if complete:
+        (folder / f"checkpoint-{step}" / checkpoints.STATE_FILE).write_text('{"step": %d}' % step)
+
+
+def test_checkpoints_listed_resolved_and_pruned(tmp_path):
+    for step in (2, 10, 4):
+        _make(tmp_path, step)
+    _make(tmp_path, 12, complete=False)  # no state file: an unfinished write is never "latest"
+    assert [checkpoints.checkpoint_step(p) for p in checkpoints.list_checkpoints(tmp_path)] == [2, 4, 10]
+    assert checkpoints.resolve_resume(tmp_path, "latest").name == "checkpoint-10"
+    assert checkpoints.resolve_resume(tmp_path, "checkpoint-4").name == "checkpoint-4"
+    assert checkpoints.resolve_resume(tmp_path / "empty", "latest") is None
+    assert checkpoints.read_state(tmp_path / "checkpoint-4") == {"step": 4}
+    with pytest.raises(InputError, match="--resume checkpoint-12: no complete checkpoint"):
+        checkpoints.resolve_resume(tmp_path, "checkpoint-12")
+    checkpoints.prune_checkpoints(tmp_path, 2)
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-10"]
+
+
+def test_accelerate_checkpoint_is_renamed_into_place_only_when_complete(tmp_path):
+    import torch
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    for step in (1, 2, 3):
+        folder = checkpoints.save_accelerate_checkpoint(
+            accelerator, tmp_path, step, {"step": step}, total_limit=2,
+            add_files=lambda tmp: (tmp / "extra.txt").write_text("best"))
+    assert folder == tmp_path / "checkpoint-3"
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert (folder / "extra.txt").read_text() == "best"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial folders left
+    assert model is not None
