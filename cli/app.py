@@ -61,4 +61,8 @@ app = build_app()
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # diffusers / transformers warn on every pipeline load about things this project does on purpose
+    # (no safety checker, LoRA only on the UNet); keep the terminal for our own progress lines.
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     app()
