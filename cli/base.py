@@ -104,7 +104,7 @@ def pretrain(
 ) -> None:
     """Pretrain a small SD-format base from scratch: VAE, then the class-conditioned UNet."""
     from lesiongen.diffusion.pretrain import pretrain_base
-    from lesiongen.diffusion.pretrain.trainer import resolve_config
+    from lesiongen.diffusion.pretrain.run import resolve_config
 
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
         raise typer.BadParameter(f"'{resume}' is neither 'latest' nor a checkpoint folder", param_hint="--resume")

@@ -171,9 +171,8 @@ def test_single_file_round_trip_sd15_layout(tmp_path, monkeypatch):
 
 
 def test_base_export_cli_round_trip(tiny_pipeline_dir, tmp_path):
-    from typer.testing import CliRunner
-
     from lesiongen.cli.app import app
+    from typer.testing import CliRunner
 
     out = tmp_path / "tiny.safetensors"
     result = CliRunner().invoke(app, ["base", "export", str(tiny_pipeline_dir), "--out", str(out), "--fp32"])
@@ -197,3 +196,12 @@ def test_pickle_single_file_with_flag_and_config(tiny_pipeline_dir, tmp_path, mo
     with pytest.raises(InputError, match=r"--config .*: not a diffusers folder"):
         load_pipeline(ckpt, allow_pickle=True, config=tmp_path)
     _assert_same_weights(pipe, load_pipeline(ckpt, allow_pickle=True, config=tiny_pipeline_dir))
+
+
+def test_fp16_folder_loads_in_one_dtype(tmp_path):
+    from lesiongen.diffusion.build import build_pipeline
+
+    build_pipeline("tiny", seed=0).to(torch.float16).save_pretrained(tmp_path / "half")
+    pipe = load_pipeline(tmp_path / "half")
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    assert _generate(pipe, seed=0).shape == (32, 32, 3)

@@ -24,10 +24,15 @@ from pathlib import Path
 import torch
 
 from lesiongen import __version__
-from lesiongen.diffusion.embedding_files import (DIFFUSERS_EMBEDDINGS_FILE, load_embeddings, save_a1111_embedding,
-                                                 save_diffusers_embeddings, trigger_word)
-from lesiongen.diffusion.lora_files import DIFFUSERS_LORA_FILE, LoraWeights, save_diffusers_lora, save_kohya_lora
+from lesiongen.diffusion.embedding_files import (
+    DIFFUSERS_EMBEDDINGS_FILE,
+    load_embeddings,
+    save_a1111_embedding,
+    save_diffusers_embeddings,
+    trigger_word,
+)
 from lesiongen.diffusion.fingerprint import pipeline_hash
+from lesiongen.diffusion.lora_files import DIFFUSERS_LORA_FILE, LoraWeights, save_diffusers_lora, save_kohya_lora
 from lesiongen.errors import InputError
 from lesiongen.utils.atomic import write_json
 from lesiongen.utils.hashing import sha256_file

@@ -19,12 +19,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lesiongen.diffusion.adapters import ADAPTER_FILE, AdapterInfo, embedding_metadata, kohya_metadata
-from lesiongen.diffusion.embedding_files import (DIFFUSERS_EMBEDDINGS_FILE, PICKLE_SUFFIXES,
-                                                 load_embeddings, save_a1111_embedding, save_diffusers_embeddings,
-                                                 trigger_word)
-from lesiongen.diffusion.lora_files import (DIFFUSERS_LORA_FILE, LoraWeights, is_diffusers_lora, is_kohya_lora,
-                                            load_diffusers_lora, lora_from_pipeline_loader, read_header, read_tensors,
-                                            save_diffusers_lora, save_kohya_lora)
+from lesiongen.diffusion.embedding_files import (
+    DIFFUSERS_EMBEDDINGS_FILE,
+    PICKLE_SUFFIXES,
+    load_embeddings,
+    save_a1111_embedding,
+    save_diffusers_embeddings,
+    trigger_word,
+)
+from lesiongen.diffusion.lora_files import (
+    DIFFUSERS_LORA_FILE,
+    LoraWeights,
+    is_diffusers_lora,
+    is_kohya_lora,
+    load_diffusers_lora,
+    lora_from_pipeline_loader,
+    read_header,
+    read_tensors,
+    save_diffusers_lora,
+    save_kohya_lora,
+)
 from lesiongen.errors import InputError
 from lesiongen.utils.atomic import ensure_writable
 

@@ -19,6 +19,14 @@ REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 
 
+def dtype_kwargs(dtype) -> dict:
+    """`dtype=` where diffusers has it (it deprecated `torch_dtype` in 0.4x), `torch_dtype=` before."""
+    from diffusers.utils import deprecation_utils
+
+    renamed = hasattr(deprecation_utils, "_resolve_dtype")
+    return {"dtype" if renamed else "torch_dtype": dtype}
+
+
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -37,7 +45,13 @@ def load_pipeline(path: str | os.PathLike, *, allow_pickle: bool = False, torch_
       `from_single_file`; `config` may name a diffusers folder holding the matching component configs
       (needed offline for anything but SD 1.x shapes, see `lesiongen.diffusion.single_file`);
     - a hub id (`org/name`) when the hub is reachable (HF_HUB_OFFLINE unset).
+
+    `torch_dtype=None` loads every component in float32: diffusers upcasts fp16 files by itself but
+    transformers >= 5 keeps a text encoder in its stored dtype, which would mix dtypes in one pipeline.
     """
+    import torch
+
+    torch_dtype = torch_dtype or torch.float32
     text = str(path)
     local = Path(text).expanduser()
     if local.is_dir():
@@ -79,8 +93,9 @@ def check_pipeline_folder(folder: Path, *, allow_pickle: bool = False) -> dict:
         raise InputError(f"{index_file}: not valid JSON ({err})") from err
     missing_entries = [c for c in REQUIRED_COMPONENTS if not _component_declared(index, c)]
     if missing_entries:
+        found = sorted(k for k in index if not k.startswith("_"))
         raise InputError(f"{index_file}: no {missing_entries} component(s); a Stable Diffusion pipeline "
-                         f"needs {list(REQUIRED_COMPONENTS)} (found {sorted(k for k in index if not k.startswith('_'))})")
+                         f"needs {list(REQUIRED_COMPONENTS)} (found {found})")
     missing_dirs = [c for c in REQUIRED_COMPONENTS if not (folder / c).is_dir()]
     if missing_dirs:
         raise InputError(f"{folder}: model_index.json lists {missing_dirs} but the subfolder(s) are missing")
@@ -107,7 +122,7 @@ def _load_folder(folder: Path, *, allow_pickle: bool, torch_dtype):
     check_pipeline_folder(folder, allow_pickle=allow_pickle)
     # Safety checker / feature extractor are optional and absent from research bases.
     return StableDiffusionPipeline.from_pretrained(
-        str(folder), torch_dtype=torch_dtype, use_safetensors=None if allow_pickle else True,
+        str(folder), **dtype_kwargs(torch_dtype), use_safetensors=None if allow_pickle else True,
         local_files_only=True, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
@@ -120,7 +135,7 @@ def _load_hub(repo_id: str, *, allow_pickle: bool, torch_dtype):
 
     try:
         return StableDiffusionPipeline.from_pretrained(
-            repo_id, torch_dtype=torch_dtype, use_safetensors=None if allow_pickle else True,
+            repo_id, **dtype_kwargs(torch_dtype), use_safetensors=None if allow_pickle else True,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
     except (OSError, EnvironmentError) as err:

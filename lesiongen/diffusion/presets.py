@@ -5,7 +5,7 @@ Every preset is a real SD 1.x layout (UNet2DConditionModel + AutoencoderKL + CLI
 a downloaded SD 1.5 folder.
 
 - `tiny`: unit tests; a few hundred K UNet parameters, 32 px, milliseconds per step on CPU.
-- `small`: the demo and in-house pretraining on CPU; a few M parameters, 64 px.
+- `small`: the demo and in-house pretraining on CPU; a few M parameters, 64 px (VAE factor 4).
 - `sd15`: SD 1.5's exact shapes (512 px); for GPU benchmarks only.
 
 The native resolution is written into the saved configs: `vae.config.sample_size` is the image size and
@@ -127,11 +127,11 @@ PRESETS: dict[str, BasePreset] = {
     "small": BasePreset(
         name="small",
         resolution=64,
-        unet=_sd_unet((64, 128, 128), cross_attn_levels=2, layers_per_block=1, cross_attention_dim=64, heads=4),
-        vae={"block_out_channels": (32, 64, 64), "layers_per_block": 1, "norm_num_groups": 32},
-        text_encoder={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                      "num_attention_heads": 4, "projection_dim": 64},
-        description="demo and in-house pretraining: 64 px, a few M parameters",
+        unet=_sd_unet((32, 64, 128), cross_attn_levels=2, layers_per_block=1, cross_attention_dim=32, heads=4),
+        vae={"block_out_channels": (16, 32, 64), "layers_per_block": 1, "norm_num_groups": 16},
+        text_encoder={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                      "num_attention_heads": 4, "projection_dim": 32},
+        description="demo and in-house pretraining: 64 px, ~3 M UNet parameters, 16x16 latents",
     ),
     "sd15": BasePreset(
         name="sd15",

@@ -27,7 +27,7 @@ _SD15_SHAPES = {
 def load_single_file(path: Path, *, torch_dtype=None, config: str | os.PathLike | None = None):
     from diffusers import StableDiffusionPipeline
 
-    from lesiongen.diffusion.loading import hub_offline
+    from lesiongen.diffusion.loading import dtype_kwargs, hub_offline
 
     if config is not None:
         config_dir: Path | None = Path(config)
@@ -37,7 +37,7 @@ def load_single_file(path: Path, *, torch_dtype=None, config: str | os.PathLike 
     kwargs = {"config": str(config_dir), "local_files_only": True} if config_dir else {}
     try:
         return StableDiffusionPipeline.from_single_file(
-            str(path), torch_dtype=torch_dtype, safety_checker=None, feature_extractor=None,
+            str(path), **dtype_kwargs(torch_dtype), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, **kwargs)
     except (ValueError, KeyError, RuntimeError, OSError) as err:
         raise InputError(f"{path}: could not load it as a Stable Diffusion checkpoint ({type(err).__name__}: "

@@ -69,7 +69,9 @@ def frechet_distance(real: Tensor, fake: Tensor) -> float:
     _check_features(real, fake)
     if min(len(real), len(fake)) < 2:
         raise InputError(f"the Fréchet distance needs >= 2 feature vectors per set, got {len(real)} and {len(fake)}")
-    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(real.shape[1]))
+    # sync_on_compute=False: the caller holds every feature already; under `accelerate launch` a sync would
+    # wait for processes that are not computing this metric (the loop runs it on the main process only).
+    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), sync_on_compute=False)
     metric.update(real.to(torch.float64), real=True)
     metric.update(fake.to(torch.float64), real=False)
     return max(float(metric.compute()), 0.0)  # tiny negative values are round-off of sqrtm
@@ -87,7 +89,7 @@ def kernel_distance(real: Tensor, fake: Tensor, *, subsets: int = DEFAULT_KID_SU
     with warnings.catch_warnings():  # "will save all extracted features in buffer": that is the point here
         warnings.simplefilter("ignore", UserWarning)
         metric = KernelInceptionDistance(feature=PrecomputedFeatures(real.shape[1]), subsets=subsets,
-                                         subset_size=size)
+                                         subset_size=size, sync_on_compute=False)
     metric.update(real.to(torch.float64), real=True)
     metric.update(fake.to(torch.float64), real=False)
     with torch.random.fork_rng(devices=[]):  # torchmetrics draws subsets from the global generator

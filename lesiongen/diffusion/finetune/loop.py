@@ -19,14 +19,21 @@ import torch
 
 from lesiongen.data.prompts import PromptSet, load_prompts
 from lesiongen.diffusion.captions import CaptionSampler
-from lesiongen.utils import checkpoints
 from lesiongen.diffusion.finetune.config import FinetuneConfig
-from lesiongen.diffusion.finetune.data import (CachedLatents, EncodedLatents, ImageSource, StepRandomness,
-                                               TrainingSet, draw_batch, flip_variants)
+from lesiongen.diffusion.finetune.data import (
+    CachedLatents,
+    EncodedLatents,
+    ImageSource,
+    StepRandomness,
+    TrainingSet,
+    draw_batch,
+    flip_variants,
+)
 from lesiongen.diffusion.finetune.models import TrainableModels
 from lesiongen.diffusion.resolution import check_resolution
 from lesiongen.diffusion.text import CachedPromptEncoder, encode, tokenize
 from lesiongen.errors import LesiongenError
+from lesiongen.utils import checkpoints
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,141 @@
+"""The run folder of `base pretrain`: recipe resolution, resume checks, and the finished pipeline.
+
+Layout: `config.yaml` (resolved recipe), `metrics.jsonl`, `checkpoints/checkpoint-N/`, `cache/`
+(latents), `samples/` (per-class grids) and, once finished, the diffusers pipeline itself at the top
+(`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, `lesiongen_base.json`),
+so the run folder is the base every other command loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from lesiongen.diffusion.pretrain import checkpoints as ckpt
+from lesiongen.diffusion.pretrain.config import PretrainConfig
+from lesiongen.diffusion.pretrain.trainer import CONFIG_FILE, Pretrainer, PretrainResult
+from lesiongen.errors import InputError
+from lesiongen.utils.atomic import ensure_writable, write_json
+
+# Config fields a resumed run may change; anything else would make the checkpoint mean something else.
+RESUMABLE_CHANGES = {"vae.steps", "unet.steps", "log_every", "sample_every", "samples_per_class", "sample_steps",
+                     "guidance_scale", "eval_classifier", "checkpoint_every", "checkpoints_total_limit",
+                     "save_optimizer", "save_dtype", "device", "cpu_threads", "compile", "cache_dir", "max_shards",
+                     "max_shard_mib", "checkpoint_dtype"}
+
+
+def write_pipeline_into(pipe, out: Path, provenance: dict) -> None:
+    """Put the pipeline's components at the top of the run folder (beside checkpoints/ and samples/).
+
+    Each component folder is swapped in whole and model_index.json goes last, so a folder without it is
+    recognisably unfinished (the loader says so) and `--resume latest` finishes it.
+    """
+    from lesiongen.diffusion.saving import PROVENANCE_FILE
+
+    (out / "model_index.json").unlink(missing_ok=True)
+    staging = out / ".pipeline.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(str(staging), safe_serialization=True)
+    for component in sorted(p for p in staging.iterdir() if p.is_dir()):
+        target = out / component.name
+        shutil.rmtree(target, ignore_errors=True)
+        component.replace(target)
+    write_json(out / PROVENANCE_FILE, provenance)
+    (staging / "model_index.json").replace(out / "model_index.json")
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def pretrain_base(manifest: str | Path, out: str | Path, *, preset: str = "small",
+                  config: PretrainConfig | None = None, vae_steps: int | None = None, unet_steps: int | None = None,
+                  resume: str | None = None, overwrite: bool = False, stop_after_steps: int | None = None,
+                  time_limit_s: float | None = None, log: Callable[[str], None] = print) -> PretrainResult:
+    """Pretrain an SD-format base on a manifest's images and save it as a diffusers folder at `out`.
+
+    `resume='latest'` continues the run in `out` (or starts it when it has no checkpoint yet);
+    `stop_after_steps` / `time_limit_s` pause the run after a checkpoint so a long pretraining can be a
+    chain of short jobs.
+    """
+    from lesiongen.config import save_config
+
+    config = config or PretrainConfig(preset=preset)
+    if vae_steps is not None or unet_steps is not None:
+        config = dataclasses.replace(
+            config,
+            vae=dataclasses.replace(config.vae, steps=config.vae.steps if vae_steps is None else vae_steps),
+            unet=dataclasses.replace(config.unet, steps=config.unet.steps if unet_steps is None else unet_steps))
+    out = Path(out)
+    checkpoint = _prepare_out(out, config, resume, overwrite)
+    trainer = Pretrainer(config, Path(manifest), out, log=log)
+    save_config(config, out / CONFIG_FILE)
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+    return trainer.run(stop_after_steps=stop_after_steps, time_limit_s=time_limit_s)
+
+
+def _prepare_out(out: Path, config: PretrainConfig, resume: str | None, overwrite: bool) -> Path | None:
+    """The checkpoint to resume from (None: start fresh), after checking the folder may be used."""
+    if resume is None:
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        ensure_writable(out, overwrite=False, what="pretraining output folder")
+        out.mkdir(parents=True, exist_ok=True)
+        return None
+    checkpoint = ckpt.find_checkpoint(out, resume)
+    saved = out / CONFIG_FILE
+    if checkpoint is not None and saved.is_file():
+        check_resumable(saved, config)
+    out.mkdir(parents=True, exist_ok=True)
+    return checkpoint
+
+
+def check_resumable(saved_config: Path, config: PretrainConfig) -> None:
+    from lesiongen.config import from_dict, load_yaml, to_dict
+
+    before = _flatten(to_dict(from_dict(PretrainConfig, load_yaml(saved_config), where=str(saved_config))))
+    after = _flatten(to_dict(config))
+    changed = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v and k not in RESUMABLE_CHANGES}
+    if changed:
+        details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+        raise InputError(f"--resume: the run in {saved_config.parent} was started with another config ({details}); "
+                         "only step counts and progress settings may change when resuming")
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resolve_config(config_file: str | Path | None, overrides: dict, out: Path, resume: str | None) -> PretrainConfig:
+    """YAML recipe -> CLI flags -> PretrainConfig; a resumed run starts from the config it was started with."""
+    from lesiongen.config import from_dict, load_yaml, merge
+
+    overrides = _drop_none(overrides)
+    saved = Path(out) / CONFIG_FILE
+    if resume is not None and saved.is_file():
+        base, where = load_yaml(saved), str(saved)
+        if config_file is not None:
+            base = merge(base, load_yaml(config_file))
+    else:
+        base = load_yaml(config_file) if config_file is not None else {}
+        where = str(config_file or "base pretrain")
+    return from_dict(PretrainConfig, merge(base, overrides), where=where)
+
+
+def _drop_none(data: dict) -> dict:
+    """Flags not given are None; nested groups of them must vanish too, not override YAML with None."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = _drop_none(value)
+            if not value:
+                continue
+        if value is not None:
+            out[key] = value
+    return out

@@ -1,0 +1,326 @@
+"""The loop's run config: one YAML file, validated into dataclasses before any work starts.
+
+Each stage's section is the config class of the module that does the work (the classifier's
+`TrainConfig`, mining's `MiningConfig`, ...), so a key those modules do not know is an error naming it,
+here, at load time, not an hour into the run. Keys the loop sets itself per stage (the manifest, the
+synthetic manifests, the seed) are refused in those sections.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lesiongen.classifier.config import TrainConfig
+from lesiongen.config import from_dict, load_yaml, merge, to_dict
+from lesiongen.diffusion.finetune.config import FinetuneConfig
+from lesiongen.diffusion.pretrain.config import PretrainConfig
+from lesiongen.errors import InputError
+from lesiongen.metrics.quality import QualityConfig
+from lesiongen.synthesis.mining import MiningConfig
+from lesiongen.synthesis.pipeline import SynthesisConfig
+
+ARMS: tuple[str, ...] = ("real", "classical", "random", "mined")
+ARM_DESCRIPTIONS: dict[str, str] = {
+    "real": "real images only (the round-0 classifier)",
+    "classical": "real + classical augmentations (flips, rotations, crops, colour) of the same hard cases, same counts",
+    "random": "real + class-prompted synthetic images that were not mined, same per-class counts",
+    "mined": "real + variants of the mined hard cases (DDIM inversion, img2img) after filtering",
+}
+# Keys of the stage sections (dotted paths) that the loop fills in itself for every stage.
+LOOP_OWNED_KEYS: dict[str, tuple[str, ...]] = {
+    "classifier": ("manifest", "synthetic", "seed"),
+    "finetune": ("base", "manifest", "out", "prompts"),
+    "base.pretrain": ("prompts",),
+}
+# `mine-and-generate` settings whose values the loop supplies per stage; stand-ins validate the rest.
+SYNTHESIS_INPUTS: dict[str, Any] = {"predictions": "<loop>", "manifest": "<loop>", "base": "<loop>", "adapter": None,
+                                    "classifier": None, "out": "<loop>", "prompts": None, "seed": 0, "mining": {},
+                                    "allow_pickle": False}
+
+
+@dataclass
+class ToyData:
+    """The project's procedural data set (`lesiongen data toy`): the demo's data."""
+
+    n_per_class: int = 16
+    size: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_per_class, int) or self.n_per_class < 4:
+            raise ValueError(f"data.toy.n_per_class must be an integer >= 4, got {self.n_per_class!r}")
+        if self.size not in (32, 64, 128):
+            raise ValueError(f"data.toy.size must be 32, 64 or 128, got {self.size!r}")
+
+
+@dataclass
+class DataSection:
+    """Where the images come from: exactly one of `toy`, `source` (a data set to index), `manifest`."""
+
+    toy: ToyData | None = None
+    source: str | None = None  # HAM10000 / ISIC 2019 / ImageFolder / labels.csv folder or file
+    manifest: str | None = None  # an existing manifest (its split is kept)
+    format: str = "auto"
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    split_seed: int = 0
+    prompts: str = "ham10000"  # a shipped prompt file name or a path
+
+    def __post_init__(self) -> None:
+        if isinstance(self.toy, dict):
+            self.toy = from_dict(ToyData, self.toy, where="data.toy")
+        given = [name for name in ("toy", "source", "manifest") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"data needs exactly one of toy / source / manifest, got {given or 'none'}")
+        self.fractions = tuple(float(f) for f in self.fractions)
+        if len(self.fractions) != 3:
+            raise ValueError(f"data.fractions must be three numbers (train, val, test), got {list(self.fractions)}")
+
+
+@dataclass
+class BaseSection:
+    """The diffusion base: a local checkpoint (`path`), one shipped in the package (`asset`, the demo's),
+    or one pretrained in the run (`pretrain`)."""
+
+    path: str | None = None  # diffusers folder or single-file .safetensors (SD 1.5, an in-house base)
+    asset: str | None = None  # a file in lesiongen/assets/ (a small in-house base made by the project)
+    pretrain: PretrainConfig | None = None  # `lesiongen base pretrain` on the run's train split
+    allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("path", "asset", "pretrain") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"base needs exactly one of path (a local checkpoint), asset (shipped) or pretrain "
+                             f"(options), got {given or 'none'}")
+        if self.asset is not None and not asset_path(self.asset).is_file():
+            raise ValueError(f"base.asset '{self.asset}' is not shipped in lesiongen/assets/")
+
+    @property
+    def description(self) -> str:
+        if self.pretrain is not None:
+            p = self.pretrain
+            return (f"in-house '{p.preset}' base pretrained in the run on its training split "
+                    f"({p.vae.steps} VAE + {p.unet.steps} UNet steps)")
+        if self.asset is not None:
+            return f"small in-house base shipped with lesiongen ({self.asset})"
+        return str(self.path)
+
+
+def asset_path(name: str) -> Path:
+    """A file shipped in the package's assets folder."""
+    from importlib import resources
+
+    return Path(str(resources.files("lesiongen") / "assets" / name))
+
+
+@dataclass
+class ClassicalConfig:
+    """The classical-augmentation arm: random crop, dihedral transform and colour jitter per copy."""
+
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # area fraction of the random resized crop
+    dihedral: bool = True
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.03
+
+    def __post_init__(self) -> None:
+        self.crop_scale = tuple(float(v) for v in self.crop_scale)
+        if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ValueError(f"classical.crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")
+        for name in ("brightness", "contrast", "saturation"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"classical.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"classical.hue must be in [0, 0.5], got {self.hue}")
+
+
+@dataclass
+class PromptedConfig:
+    """Class-prompted samples (`lesiongen generate`): the random arm, and rare classes in the mined arm.
+    Both pass the same filters as the mined variants; `oversample` draws extra so the filters can drop
+    some and the counts still match."""
+
+    steps: int = 30
+    guidance: float = 7.5
+    scheduler: str = "dpmpp"
+    batch_size: int = 8
+    compile: bool = False
+    fuse: bool = True
+    oversample: float = 1.5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"generate.steps must be a positive integer, got {self.steps!r}")
+        if self.oversample < 1.0:
+            raise ValueError(f"generate.oversample must be >= 1, got {self.oversample}")
+        if self.batch_size < 1:
+            raise ValueError(f"generate.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class EvaluateSection:
+    bootstrap: int = 1000  # lesion-level bootstrap resamples for 95 % CIs and the paired tests
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bootstrap, int) or self.bootstrap < 0:
+            raise ValueError(f"evaluate.bootstrap must be a non-negative integer, got {self.bootstrap!r}")
+
+
+@dataclass
+class LoopConfig:
+    """A whole adversarial run: data, base, adaptation, R rounds for every arm and seed, the report."""
+
+    name: str = "lesiongen-run"
+    demo: bool = False  # the toy data and a small in-house base: every output says it is a demonstration
+    rounds: int = 1
+    seeds: list[int] = field(default_factory=lambda: [0])
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    rare_classes: dict[str, int] = field(default_factory=dict)  # class -> prompted samples per round (mined arm)
+    cpu_threads: int | None = None  # torch CPU threads for every stage (None: torch's default)
+    data: DataSection = field(default_factory=lambda: DataSection(toy=ToyData()))
+    base: BaseSection = field(default_factory=lambda: BaseSection(pretrain=PretrainConfig()))
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    classifier: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    synthesis: dict[str, Any] = field(default_factory=dict)  # `mine-and-generate` settings (SynthesisConfig)
+    generate: PromptedConfig = field(default_factory=PromptedConfig)
+    classical: ClassicalConfig = field(default_factory=ClassicalConfig)
+    quality: QualityConfig | None = field(default_factory=QualityConfig)  # None: no generation-quality metrics
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"rounds must be an integer >= 1, got {self.rounds!r}")
+        if isinstance(self.seeds, int):  # `seeds: 3` means seeds 0, 1, 2
+            self.seeds = list(range(self.seeds))
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds) or not all(isinstance(s, int) for s in self.seeds):
+            raise ValueError(f"seeds must be distinct integers (or a count), got {self.seeds!r}")
+        unknown = sorted(set(self.arms) - set(ARMS))
+        if unknown or "real" not in self.arms or "mined" not in self.arms:
+            raise ValueError(f"arms must include 'real' and 'mined' and be among {list(ARMS)}, got {self.arms}")
+        self.arms = [arm for arm in ARMS if arm in self.arms]  # canonical order
+        if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
+            raise ValueError(f"cpu_threads must be a positive integer or null, got {self.cpu_threads!r}")
+        for key, count in self.rare_classes.items():
+            if not isinstance(count, int) or count < 1:
+                raise ValueError(f"rare_classes.{key} must be a positive integer, got {count!r}")
+        self.synthesis = library_section(SynthesisConfig, self.synthesis or {}, SYNTHESIS_INPUTS, "synthesis")
+
+    @property
+    def leakage(self) -> bool:
+        return self.mining.split == "test"
+
+
+def library_section(cls: type, section: dict[str, Any], loop_inputs: dict[str, Any], where: str) -> dict[str, Any]:
+    """A section for a library config class some of whose fields the loop sets per stage: checked now by
+    building `cls` with stand-ins for those, returned resolved (every other field, defaults included)."""
+    owned = sorted(set(section) & set(loop_inputs))
+    if owned:
+        raise InputError(f"{where}.{owned[0]} is set by the loop for every stage; remove it")
+    built = from_dict(cls, {**section, **loop_inputs}, where=where)
+    return {key: value for key, value in to_dict(built).items() if key not in loop_inputs}
+
+
+def shipped_config(name: str) -> Path:
+    """A config shipped in `configs/` by name (`demo`, `ham10000-sd15`, ...)."""
+    from importlib import resources
+
+    base = resources.files("lesiongen.configs")
+    candidate = base / f"{name}.yaml"
+    if not candidate.is_file():
+        shipped = sorted(p.name.removesuffix(".yaml") for p in base.iterdir() if p.name.endswith(".yaml"))
+        raise InputError(f"config '{name}' is neither a file nor a shipped config (shipped: {shipped})")
+    return Path(str(candidate))
+
+
+def config_path(name_or_path: str | os.PathLike) -> Path:
+    """A YAML path as given, or the shipped config of that name."""
+    path = Path(name_or_path)
+    return path if path.suffix in (".yaml", ".yml") or path.exists() else shipped_config(str(name_or_path))
+
+
+def load_loop_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> LoopConfig:
+    """YAML (or the built-in defaults) -> CLI overrides -> a validated LoopConfig."""
+    data = load_yaml(path) if path is not None else {}
+    data = merge(data, overrides or {})
+    where = str(path) if path is not None else "config"
+    for section, keys in LOOP_OWNED_KEYS.items():
+        owned = sorted(set(_at(data, section)) & set(keys))
+        if owned:
+            raise InputError(f"{where}: {section}.{owned[0]} is set by the loop for every stage; remove it")
+    config = from_dict(LoopConfig, data, where=where)
+    check_classes(config, where)
+    return config
+
+
+def check_classes(config: LoopConfig, where: str) -> None:
+    """Class names in the config must be classes of the prompt file (caught before any training)."""
+    from lesiongen.data.prompts import load_prompts
+
+    classes = load_prompts(config.data.prompts).class_names
+    unknown = sorted(set(config.rare_classes) - set(classes))
+    if unknown:
+        raise InputError(f"{where}: rare_classes names unknown class(es) {unknown}; classes are {classes}")
+
+
+def parse_set_options(items: list[str]) -> dict[str, Any]:
+    """`--set classifier.epochs=3 --set seeds=[0,1]` -> nested overrides (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set '{item}': expected KEY=VALUE, e.g. --set classifier.epochs=3")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise InputError(f"--set '{item}': value is not valid YAML ({err})") from err
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = parsed
+    return out
+
+
+def absolute_paths(config: LoopConfig, base_dir: str | os.PathLike) -> LoopConfig:
+    """Input paths made absolute (relative ones are relative to `base_dir`, the working directory), so a
+    run resumed from elsewhere reads the same files. A path that does not exist is left as given: the
+    stage that reads it names it in its error (and a base may be a hub id when online)."""
+    def resolve(value: str | None) -> str | None:
+        if value is None:
+            return None
+        candidate = Path(base_dir) / Path(value).expanduser()
+        return str(candidate.resolve()) if candidate.exists() else value
+
+    config.data.source, config.data.manifest = resolve(config.data.source), resolve(config.data.manifest)
+    config.base.path = resolve(config.base.path)
+    return config
+
+
+def config_yaml(config: LoopConfig) -> str:
+    """The resolved config as saved in the run folder (without the keys the loop sets per stage)."""
+    data = to_dict(config)
+    for section, keys in LOOP_OWNED_KEYS.items():
+        for key in keys:
+            _at(data, section).pop(key, None)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _at(data: dict, dotted: str) -> dict:
+    """The mapping at a dotted path of nested mappings ({} where it is absent or null)."""
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+        if data is None:
+            return {}
+    return data if isinstance(data, dict) else {}
+
+
+def load_resolved(path: str | os.PathLike) -> LoopConfig:
+    """Reload a run's saved `config.yaml` (already resolved) for `--resume`."""
+    return load_loop_config(Path(path))

@@ -1,0 +1,63 @@
+"""Start or resume a loop run: plan the stages from the saved config and run the unfinished ones."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from lesiongen.loop.config import LoopConfig, config_yaml, load_resolved
+from lesiongen.loop.layout import RunLayout
+from lesiongen.loop.plan import build_plan
+from lesiongen.loop.progress import StageProgress
+from lesiongen.loop.summary import SUMMARY_FILE, write_summary
+from lesiongen.runs import RunDir, StageRunner, current_processes
+
+
+@dataclass
+class LoopOutcome:
+    run_dir: Path
+    stages: int
+    ran: list[str]  # stages run by this call (empty when resuming a finished run)
+    summary: Path
+
+
+def create_run(config: LoopConfig, out: str | os.PathLike, *, overwrite: bool = False) -> RunDir:
+    """A new run folder holding the resolved config (main process; the others wait in `run_loop`)."""
+    if current_processes().is_main_process:
+        return RunDir.create(out, config_yaml(config), overwrite=overwrite)
+    return RunDir(out)
+
+
+def run_loop(run_dir: str | os.PathLike, *, echo: Callable[[str], None] = print) -> LoopOutcome:
+    """Run every unfinished stage of the run in `run_dir`; a finished run is left untouched."""
+    processes = current_processes()
+    processes.wait_for_everyone()  # the main process may have just created the folder
+    run = RunDir.open(run_dir)
+    config = load_resolved(run.config_path)
+    if config.cpu_threads is not None:
+        import torch
+
+        torch.set_num_threads(config.cpu_threads)
+    layout = RunLayout(run.root)
+    plan = build_plan(config, layout)
+    if processes.is_main_process:
+        run.lock()
+    try:
+        progress = StageProgress(len(plan), echo)
+        runner = StageRunner(run, processes, on_event=progress)
+        ran = [result.name for result in map(runner, plan) if not result.skipped]
+        summary = layout.root / SUMMARY_FILE
+        if processes.is_main_process:
+            if ran or not summary.is_file():
+                write_summary(config, layout)
+            if ran:
+                progress.finish()
+            else:
+                echo(f"{run.root}: all {len(plan)} stages already finished; nothing to do")
+        processes.wait_for_everyone()
+    finally:
+        if processes.is_main_process:
+            run.unlock()
+    return LoopOutcome(run.root, len(plan), ran, summary)

@@ -1,0 +1,202 @@
+"""`lesiongen base pretrain`: the in-house base trains, pauses, resumes exactly, and loads like SD."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from lesiongen.cli.app import app
+from typer.testing import CliRunner
+
+from lesiongen.diffusion.loading import load_pipeline
+from lesiongen.diffusion.pretrain import PretrainConfig, UnetStageConfig, VaeStageConfig, pretrain_base
+from lesiongen.diffusion.pretrain import checkpoints as ckpt
+from lesiongen.errors import InputError
+
+runner = CliRunner(env={"COLUMNS": "500"})
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: far faster than two on a CPU shared by parallel jobs; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def quick_config(**changes) -> PretrainConfig:
+    config = PretrainConfig(
+        preset="tiny", vae=VaeStageConfig(steps=3, batch_size=4), unet=UnetStageConfig(steps=4, batch_size=4),
+        log_every=1, sample_every=2, samples_per_class=1, sample_steps=2, checkpoint_every=2,
+        checkpoint_dtype="float32", checkpoints_total_limit=None)
+    return dataclasses.replace(config, **changes)
+
+
+def _unet_weights(folder):
+    return {k: v.clone() for k, v in load_pipeline(folder).unet.state_dict().items()}
+
+
+def test_pretrain_cli_pauses_resumes_and_saves_an_sd_folder(toy_manifest, tmp_path):
+    out = tmp_path / "base"
+    args = ["base", "pretrain", "--manifest", str(toy_manifest), "--out", str(out), "--preset", "tiny",
+            "--vae-steps", "3", "--unet-steps", "4", "--vae-batch-size", "4", "--unet-batch-size", "4",
+            "--sample-every", "2", "--checkpoint-every", "2", "--cpu-threads", "1"]
+    result = runner.invoke(app, [*args, "--stop-after-steps", "5"])
+    assert result.exit_code == 0, result.output
+    assert "paused" in result.output and not (out / "model_index.json").exists()
+    assert [p.name for p in ckpt.checkpoints_in(out)] == ["checkpoint-4", "checkpoint-5"]
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output  # no silent restart over a run
+
+    result = runner.invoke(app, [*args, "--resume", "latest"])
+    assert result.exit_code == 0, result.output
+    assert "resumed from" in result.output and "finished at step 7" in result.output
+
+    pipe = load_pipeline(out)
+    image = pipe("a dermoscopy image of <derm-mel> melanoma", num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (32, 32, 3)
+    provenance = json.loads((out / "lesiongen_base.json").read_text())
+    assert provenance["kind"] == "pretrained" and provenance["steps"] == {"vae": 3, "unet": 4}
+    assert provenance["classes"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert (out / "samples" / "final.png").is_file() and (out / "samples" / "step-000005.png").is_file()
+    # The data set's latent scale, not SD's 0.18215, is in the saved VAE config.
+    assert pipe.vae.config.scaling_factor == pytest.approx(provenance["latent_scaling_factor"])
+    assert pipe.vae.config.scaling_factor != pytest.approx(0.18215)
+
+    info = runner.invoke(app, ["base", "info", str(out), "--json"])
+    assert info.exit_code == 0 and json.loads(info.stdout)["provenance"]["kind"] == "pretrained"
+
+
+def test_resume_reproduces_an_uninterrupted_run(toy_manifest, tmp_path):
+    config = quick_config()
+    pretrain_base(toy_manifest, tmp_path / "straight", config=config, log=lambda _: None)
+    paused = pretrain_base(toy_manifest, tmp_path / "chained", config=config, stop_after_steps=2, log=lambda _: None)
+    assert not paused.finished and paused.global_step == 2  # inside the VAE stage
+    paused = pretrain_base(toy_manifest, tmp_path / "chained", config=config, resume="latest", stop_after_steps=3,
+                           log=lambda _: None)
+    assert not paused.finished and paused.global_step == 5  # inside the UNet stage
+    done = pretrain_base(toy_manifest, tmp_path / "chained", config=config, resume="latest", log=lambda _: None)
+    assert done.finished and done.global_step == 7
+    straight, chained = _unet_weights(tmp_path / "straight"), _unet_weights(tmp_path / "chained")
+    assert all(torch.equal(straight[k], chained[k]) for k in straight)
+    assert load_pipeline(tmp_path / "chained").vae.config.scaling_factor == pytest.approx(
+        load_pipeline(tmp_path / "straight").vae.config.scaling_factor)
+
+
+def test_fp16_shards_without_optimizer_still_resume(toy_manifest, tmp_path):
+    config = quick_config(checkpoint_dtype="float16", save_optimizer=False, max_shard_mib=1, max_shards=8)
+    pretrain_base(toy_manifest, tmp_path / "run", config=config, stop_after_steps=4, log=lambda _: None)
+    checkpoint = ckpt.checkpoints_in(tmp_path / "run")[-1]
+    shards = sorted(checkpoint.glob("weights-*.safetensors"))
+    assert 1 < len(shards) <= 8 and all(s.stat().st_size <= 1 << 20 for s in shards)
+    assert not (checkpoint / ckpt.OPTIMIZER_FILE).exists()
+    tensors = ckpt.load_checkpoint_tensors(checkpoint)
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}
+    assert any(k.startswith("ema_unet.") for k in tensors)
+    done = pretrain_base(toy_manifest, tmp_path / "run", config=config, resume="latest", log=lambda _: None)
+    assert done.finished and (tmp_path / "run" / "model_index.json").is_file()
+
+
+def test_resume_refuses_a_changed_recipe(toy_manifest, tmp_path):
+    config = quick_config()
+    pretrain_base(toy_manifest, tmp_path / "run", config=config, stop_after_steps=2, log=lambda _: None)
+    changed = dataclasses.replace(config, unet=dataclasses.replace(config.unet, noise_schedule="cosine"))
+    with pytest.raises(InputError, match=r"unet\.noise_schedule: 'zero_snr' -> 'cosine'"):
+        pretrain_base(toy_manifest, tmp_path / "run", config=changed, resume="latest", log=lambda _: None)
+
+
+def test_checkpoint_size_limit_is_checked_before_training():
+    with pytest.raises(InputError, match=r"max_shards=8 x max_shard_mib=16"):
+        ckpt.check_checkpoint_size(100_000_000, torch.float16, max_shard_mib=16, max_shards=8)
+    ckpt.check_checkpoint_size(60_000_000, torch.float16, max_shard_mib=16, max_shards=8)
+    shards = ckpt.plan_shards({"a": torch.zeros(300), "b": torch.zeros(300), "c": torch.zeros(600)}, 2400)
+    assert shards == [["a", "b"], ["c"]]
+    big = {"w": torch.arange(1000.0).view(100, 10), "b": torch.ones(3)}
+    pieces = ckpt.split_large(big, 1000)
+    assert len(pieces) == 5 and all(t.numel() * 4 <= 1000 for t in pieces.values())
+    joined = ckpt.join_pieces(pieces)
+    assert joined.keys() == big.keys() and all(torch.equal(joined[k], big[k]) for k in big)
+
+
+def test_missing_class_in_split_is_named(toy_manifest, tmp_path):
+    from lesiongen.data.manifest import load_manifest, write_manifest
+
+    manifest = load_manifest(toy_manifest)
+    no_df = manifest.subset(~((manifest.df["label"] == "df") & (manifest.df["split"] == "train")))
+    path = write_manifest(no_df, tmp_path / "no-df.csv")
+    with pytest.raises(InputError, match=r"no-df\.csv: split 'train' has no real images of class\(es\) \['df'\]"):
+        pretrain_base(path, tmp_path / "run", config=quick_config(), log=lambda _: None)
+
+
+def test_prompt_file_must_cover_the_classes(toy_manifest, tmp_path):
+    prompts = tmp_path / "two.yaml"
+    prompts.write_text("classes:\n  mel: {name: melanoma, token: '<m>', init_words: [melanoma]}\n"
+                       "  nv: {name: nevus, token: '<n>', init_words: [mole]}\n")
+    with pytest.raises(InputError, match=r"classes \['akiec', 'bcc', 'bkl', 'df', 'vasc'\] have no entry"):
+        pretrain_base(toy_manifest, tmp_path / "run", config=quick_config(prompts=str(prompts)), log=lambda _: None)
+
+
+def test_bad_recipe_values_are_named(tmp_path, toy_manifest):
+    result = runner.invoke(app, ["base", "pretrain", "--manifest", str(toy_manifest), "--out", str(tmp_path / "x"),
+                                 "--preset", "huge"])
+    assert result.exit_code == 2 and "huge" in result.output
+    config = tmp_path / "recipe.yaml"
+    config.write_text("unet:\n  caption_dropout: 1.5\n")
+    result = runner.invoke(app, ["base", "pretrain", "--manifest", str(toy_manifest), "--out", str(tmp_path / "x"),
+                                 "--config", str(config)])
+    assert result.exit_code == 2 and "unet" in result.output and "caption_dropout" in result.output
+
+
+def test_min_snr_weights_and_schedule():
+    from diffusers import DDIMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from lesiongen.diffusion.pretrain.objectives import loss_weights, lr_at
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    t = torch.tensor([0, 10, 500, 999])
+    snr = compute_snr(scheduler, t)
+    expected = torch.stack([snr, 5 * torch.ones_like(snr)]).min(dim=0).values
+    assert torch.allclose(loss_weights(scheduler.alphas_cumprod, t, "epsilon", 5.0), expected / snr)
+    assert torch.allclose(loss_weights(scheduler.alphas_cumprod, t, "v_prediction", 5.0), expected / (snr + 1))
+    assert torch.equal(loss_weights(scheduler.alphas_cumprod, t, "epsilon", None), torch.ones(4))
+    assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1) and lr_at(99, 100, 1.0, 10) == pytest.approx(0.1, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_pretrained_tiny_base_is_class_dependent(tmp_path):
+    """Minutes of CPU: a tiny base pretrained on toy data draws each class recognisably (class fidelity,
+    judged by a probe CNN trained on the real toy images, far above the 1/7 chance level)."""
+    from lesiongen.data.index import index_dataset
+    from lesiongen.data.prompts import load_prompts
+    from lesiongen.data.toy import make_toy_dataset
+    from lesiongen.diffusion.pretrain.data import load_class_images
+    from lesiongen.diffusion.pretrain.probe import train_probe
+
+    data = make_toy_dataset(tmp_path / "toy", n_per_class=32, size=64, seed=0)
+    manifest = tmp_path / "manifest.csv"
+    index_dataset(data, out=manifest, seed=0)
+    config = quick_config(vae=VaeStageConfig(steps=800, batch_size=16, learning_rate=2e-3),
+                          unet=UnetStageConfig(steps=3000, batch_size=16, learning_rate=1e-3, warmup_steps=20),
+                          log_every=500, sample_every=0, checkpoint_every=1000, guidance_scale=4.0)
+    pretrain_base(manifest, tmp_path / "base", config=config, log=lambda _: None)
+
+    train = load_class_images(manifest, "train", 64)
+    probe = train_probe(train.images, train.labels, len(train.classes), steps=600)
+    pipe = load_pipeline(tmp_path / "base")
+    pipe.set_progress_bar_config(disable=True)
+    prompts = load_prompts("ham10000")
+    images, labels = [], []
+    for label, name in enumerate(train.classes):
+        generators = [torch.Generator().manual_seed(100 * label + i) for i in range(16)]
+        out = pipe([prompts.class_prompt(name)] * 16, num_inference_steps=25, guidance_scale=4.0,
+                   generator=generators, output_type="pt").images
+        images.append((out * 255).round().to(torch.uint8))
+        labels += [label] * 16
+    fidelity = probe.class_fidelity(torch.cat(images), torch.tensor(labels))["overall"]
+    assert fidelity > 0.3, fidelity  # chance is 1/7 = 0.143

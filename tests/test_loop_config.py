@@ -1,0 +1,125 @@
+"""The loop's config (validated early, saved resolved), its stage plan, and the classical-augmentation arm."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lesiongen.cli.app import app
+from lesiongen.errors import InputError
+from lesiongen.loop.config import (ClassicalConfig, config_yaml, load_loop_config, load_resolved,
+                                   parse_set_options, shipped_config)
+from lesiongen.loop.layout import ModelKey, RunLayout
+from lesiongen.loop.plan import build_plan, models
+
+SHIPPED = ("demo", "derm-dev-small", "ham10000-sd15", "isic2019-sd15")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_configs_load_and_round_trip(name, tmp_path):
+    config = load_loop_config(shipped_config(name))
+    saved = tmp_path / "config.yaml"
+    saved.write_text(config_yaml(config))
+    again = load_resolved(saved)
+    assert config_yaml(again) == config_yaml(config)  # the resolved config reloads to itself
+
+
+def test_seeds_count_and_canonical_arm_order():
+    config = load_loop_config(None, {"seeds": 3, "arms": ["mined", "random", "real"]})
+    assert config.seeds == [0, 1, 2] and config.arms == ["real", "random", "mined"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"classifer": {}}, "unknown key(s) ['classifer']"),
+    ({"classifier": {"epochs": 0}}, "epochs must be a positive integer"),
+    ({"classifier": {"manifest": "m.csv"}}, "classifier.manifest is set by the loop"),
+    ({"base": {"pretrain": {"prompts": "x"}}}, "base.pretrain.prompts is set by the loop"),
+    ({"synthesis": {"variants": {"strength": 1.5}}}, "synthesis.variants: strength must be in (0, 1]"),
+    ({"synthesis": {"out": "x"}}, "synthesis.out is set by the loop"),
+    ({"rare_classes": {"xyz": 5}}, "rare_classes names unknown class(es) ['xyz']"),
+    ({"arms": ["real", "random"]}, "arms must include 'real' and 'mined'"),
+    ({"mining": {"split": "test"}}, "--allow-test-mining"),
+    ({"base": {"path": "/x", "pretrain": {}}}, "exactly one of path"),
+    ({"data": {"toy": None, "source": None}}, "exactly one of toy / source / manifest"),
+])
+def test_bad_config_values_fail_at_load_naming_the_key(overrides, message):
+    with pytest.raises(InputError) as err:
+        load_loop_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_set_options_parse_as_nested_yaml():
+    assert parse_set_options(["classifier.epochs=3", "seeds=[0, 1]", "base.pretrain=null"]) == {
+        "classifier": {"epochs": 3}, "seeds": [0, 1], "base": {"pretrain": None}}
+    with pytest.raises(InputError, match="KEY=VALUE"):
+        parse_set_options(["epochs"])
+
+
+def test_plan_orders_rounds_then_test_and_never_mines_test(tmp_path):
+    config = load_loop_config(None, {"rounds": 2, "seeds": [0, 1], "rare_classes": {"df": 2}})
+    names = [stage.name for stage in build_plan(config, RunLayout(tmp_path))]
+    assert len(names) == len(set(names)) and names[:3] == ["data", "base", "finetune"]
+    first_test = min(i for i, n in enumerate(names) if n.endswith("eval-test"))
+    assert all(not n.endswith(("train", "vary", "mine")) for n in names[first_test:])  # test only at the end
+    assert names.index("seed-0/round-2/mined/mine") > names.index("seed-0/round-1/mined/train")
+    assert names.index("seed-0/round-1/classical/augment") > names.index("seed-0/round-1/mined/prompted")
+    assert names.index("seed-0/round-1/random/generate") > names.index("seed-0/round-1/mined/vary")
+    assert "seed-1/round-2/random/compare-test" in names and "seed-0/round-0/real/compare-test" not in names
+    assert [k.label for k in models(config, 1)][:2] == ["real r0 s1", "mined r1 s1"]
+    assert not any("eval-val" in n for n in names)  # the trainer's own validation evaluation is mined
+
+
+def test_test_mining_is_allowed_only_behind_the_flag_and_evaluates_per_round(tmp_path):
+    config = load_loop_config(None, {"mining": {"split": "test", "allow_test_mining": True}})
+    assert config.leakage and "LEAKAGE" in config.mining.leakage_warning
+    names = [stage.name for stage in build_plan(config, RunLayout(tmp_path))]
+    assert names.index("seed-0/round-0/real/eval-test") < names.index("seed-0/round-1/mined/mine")
+
+
+def test_classical_copies_match_the_mined_counts_and_are_deterministic(toy_manifest, tmp_path):
+    from lesiongen.data.manifest import Manifest, load_manifest
+    from lesiongen.loop.classical import augment_copy, make_classical_set, matched_sources
+
+    real = load_manifest(toy_manifest)
+    val = real.df[real.df["split"] == "val"].head(3)
+    mined = pd.DataFrame({"image": ["v0.png", "v1.png", "v2.png", "p0.png"], "label": [*val["label"][:2], val["label"].iloc[1], "df"],
+                          "split": ["val", "val", "val", "train"], "group_id": ["a", "b", "b", "g"],
+                          "source_image": [val["image"].iloc[0], val["image"].iloc[1], val["image"].iloc[1], ""]})
+    plan = matched_sources([Manifest(mined, tmp_path, real.classes)], real, seed=0)
+    counts = {row["image"]: n for row, n in plan}
+    assert counts[val["image"].iloc[0]] == 1 and counts[val["image"].iloc[1]] == 2
+    assert sum(counts.values()) == 4 and any(real.df.set_index("image").loc[i, "label"] == "df" for i in counts)
+
+    out = make_classical_set(plan, real, ClassicalConfig(), seed=7, out_dir=tmp_path / "a")
+    again = make_classical_set(plan, real, ClassicalConfig(), seed=7, out_dir=tmp_path / "b")
+    assert len(out) == 4 and list(out.df["image"]) == list(again.df["image"])
+    assert (out.df["synthetic"] == 1).all() and set(out.df["method"]) == {"classical"}
+    first = (tmp_path / "a" / out.df["image"].iloc[0]).read_bytes()
+    assert first == (tmp_path / "b" / out.df["image"].iloc[0]).read_bytes()
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    a = augment_copy(image, ClassicalConfig(), torch.Generator().manual_seed(1))
+    b = augment_copy(image, ClassicalConfig(), torch.Generator().manual_seed(2))
+    assert a.shape == image.shape and a.dtype == torch.uint8 and not torch.equal(a, b)
+
+
+def test_loop_cli_errors(tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(app, ["loop"])
+    assert missing.exit_code == 2 and "--config" in missing.output
+    not_a_run = runner.invoke(app, ["loop", "--resume", str(tmp_path)])
+    assert not_a_run.exit_code == 2 and "is not a run folder" in not_a_run.output
+    unknown = runner.invoke(app, ["loop", "--config", "no-such-config"])
+    assert unknown.exit_code == 2 and "shipped" in unknown.output and "demo" in unknown.output
+    bad = runner.invoke(app, ["loop", "--config", "demo", "--out", str(tmp_path / "r"), "--set", "rounds=0"])
+    assert bad.exit_code == 2 and "rounds must be an integer >= 1" in bad.output
+    assert not (tmp_path / "r").exists()  # validated before anything is written
+
+
+def test_model_key_paths(tmp_path):
+    layout = RunLayout(tmp_path)
+    key = ModelKey("mined", 2, 1)
+    assert layout.model(key) == tmp_path / "seed-1/round-2/mined/train"
+    assert layout.evaluation(key, "val") == tmp_path / "seed-1/round-2/mined/train/eval-val"
+    assert layout.evaluation(key, "test") == tmp_path / "seed-1/round-2/mined/eval-test"

@@ -1,0 +1,126 @@
+"""`lesiongen report`: the tables match the run's metrics files; the HTML is self-contained and renders
+in headless Chromium with every image loaded."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lesiongen.cli.app import app
+from lesiongen.report.document import Callout, Document, Figure, Heading, Table, to_html, to_markdown
+from loop_support import tiny_loop_run  # noqa: F401  (session fixture: one tiny run shared by the loop tests)
+
+CHROMIUM_INSTALL = "apt-get install -y chromium"
+CHECK_SCRIPT = """<script>
+window.addEventListener('load', () => {
+  const images = [...document.images].map(i => ({complete: i.complete, width: i.naturalWidth}));
+  const out = document.createElement('pre');
+  out.id = 'lesiongen-check';
+  out.textContent = JSON.stringify({images, height: document.body.scrollHeight, title: document.title});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip(f"headless Chromium is not installed (Debian: `{CHROMIUM_INSTALL}`)")
+
+
+def render_in_chromium(html_file: Path, work: Path) -> dict:
+    """Load a copy of the page (with a checking script appended) in headless Chromium; return what the
+    page saw once loaded: every <img>'s `complete` and `naturalWidth`, the body height, the title."""
+    page = work / "page.html"
+    page.write_text(html_file.read_text(encoding="utf-8").replace("</body>", CHECK_SCRIPT + "</body>"),
+                    encoding="utf-8")
+    command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={work / 'profile'}",
+               "--virtual-time-budget=10000", "--dump-dom", page.resolve().as_uri()]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    match = re.search(r'<pre id="lesiongen-check">(.*?)</pre>', done.stdout, re.S)
+    assert match, f"the page did not finish loading in Chromium (exit {done.returncode}): {done.stderr[-2000:]}"
+    return json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+
+def _table_rows(markdown: str, header_start: str) -> list[dict[str, str]]:
+    """The rows of the first Markdown table whose header row starts with `header_start`."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {header_start} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
+    return rows
+
+
+def _fmt_ci(value: float, ci: list[float] | None) -> str:
+    return f"{value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def test_report_table_matches_metrics_files(tiny_loop_run, tmp_path):
+    run_dir = tiny_loop_run.run_dir
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    markdown = (run_dir / "report.md").read_text(encoding="utf-8")
+    rows = _table_rows(markdown, "arm | round | seeds")
+    seen = set()
+    for metrics_file in sorted(run_dir.glob("seed-0/round-*/*/eval-test/metrics.json")):
+        arm, round_ = metrics_file.parts[-3], metrics_file.parts[-4].removeprefix("round-")
+        metrics = json.loads(metrics_file.read_text())
+        row = next(r for r in rows if r["arm"] == arm and r["round"] == round_)
+        for key, title in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
+                           ("mel_sensitivity@specificity=0.90", "mel sensitivity @ 0.90 specificity"),
+                           ("macro_auroc", "macro AUROC")):
+            assert row[title] == _fmt_ci(metrics["metrics"][key], metrics["ci95"].get(key)), (arm, round_, key)
+        if arm != "real":
+            compare = json.loads((metrics_file.parent.parent / "compare-test" / "compare.json").read_text())
+            diff = compare["metrics"]["balanced_accuracy"]
+            ci = diff["ci95"]
+            assert row["Δ balanced accuracy vs real"] == f"{diff['difference']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+        seen.add((arm, round_))
+    assert {"real", "mined", "classical", "random"} <= {arm for arm, _ in seen}
+    assert "DEMONSTRATION" in markdown  # the toy-data run says what it is
+    for asset in re.findall(r"\]\((report_assets/[^)]+)\)", markdown):
+        assert (run_dir / asset).is_file()
+
+
+def test_report_html_is_self_contained_and_renders(tiny_loop_run, tmp_path):
+    run_dir = tiny_loop_run.run_dir
+    CliRunner().invoke(app, ["report", str(run_dir)])
+    html = (run_dir / "report.html").read_text(encoding="utf-8")
+    sources = re.findall(r'<img[^>]*\ssrc="([^"]*)"', html)
+    assert len(sources) >= 4 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r'(href|src)="(https?:|//|file:)', html)
+    seen = render_in_chromium(run_dir / "report.html", tmp_path)
+    assert len(seen["images"]) == len(sources)
+    assert all(image["complete"] and image["width"] > 0 for image in seen["images"]), seen["images"]
+    assert seen["height"] > 1000 and seen["title"].startswith("lesiongen report")
+
+
+def test_document_renders_escaped_markdown_and_html():
+    import numpy as np
+
+    from lesiongen.report.figures import image_grid
+
+    png = image_grid([[np.zeros((8, 8, 3), np.uint8), None]], ["row <1>"], ["a", "b"])
+    doc = Document("t <&>").add(Callout("leak", "warning"), Heading("h"),
+                                Table(["a|b", "c"], [["1", "<x>"]]), Figure("fig", png, "cap"))
+    markdown, html = to_markdown(doc, "assets"), to_html(doc)
+    assert "> **WARNING:** leak" in markdown and "| a\\|b | c |" in markdown and "![fig](assets/fig.png)" in markdown and "*cap*" in markdown
+    assert "<h1>t &lt;&amp;&gt;</h1>" in html and "&lt;x&gt;" in html and 'class="callout warning"' in html
+    assert html.count("data:image/png;base64,") == 1
+
+
+def test_report_of_a_folder_that_is_not_a_run(tmp_path):
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "not a loop run folder" in result.output
