@@ -23,7 +23,7 @@ def loop(
     config: Annotated[str | None, typer.Option("--config", "-c", help="Run config: a YAML path or a shipped "
                                                "name (demo, derm-dev-small, ham10000-sd15, isic2019-sd15).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder to create "
-                                             "[default: checkpoints/runs/<config name>].")] = None,
+                                             "(default: checkpoints/runs/<config name>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this folder (its saved config); "
                                                 "finished stages are not redone.")] = None,
     seeds: Annotated[int | None, typer.Option(min=1, help="Run seeds 0..N-1 (every arm, same seeds).")] = None,
@@ -89,12 +89,13 @@ def _write_report(run_dir: Path) -> None:
 
 
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder of the demo; rerunning resumes it.")] = DEFAULT_DEMO,
+    out: Annotated[Path, typer.Option("--out", "-o",
+                                      help="Run folder of the demo; rerunning resumes it.")] = DEFAULT_DEMO,
     overwrite: Annotated[bool, typer.Option(help="Start the demo again from scratch.")] = False,
 ) -> None:
-    """The whole procedure on the toy data set with a small in-house base, on CPU, in minutes:
-    toy data -> small base -> adapt -> 1 round of mine/invert/vary/filter/retrain -> report.
-    A demonstration of the pipeline, not a result about dermoscopy."""
+    """The whole procedure on CPU in minutes: toy data -> the project's tiny in-house base -> adapt ->
+    2 rounds of mine/invert/vary/filter/retrain beside the baselines -> report. A demonstration of the
+    pipeline, not a result about dermoscopy."""
     from lesiongen.loop.demo import run_demo
 
     run_demo(out, overwrite=overwrite, echo=typer.echo)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lesiongen.errors import InputError, LesiongenError
-from lesiongen.utils.atomic import write_json
+from lesiongen.utils.atomic import write_json, write_text
 
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"
@@ -118,8 +118,6 @@ class RunDir:
                                      "or pass --overwrite to start again")
             shutil.rmtree(run.root)
         run.root.mkdir(parents=True, exist_ok=True)
-        from lesiongen.utils.atomic import write_text
-
         write_text(run.config_path, config_text)
         run._write_state({"version": STATE_VERSION, "created": _now(), "finished": {}})
         return run
@@ -192,8 +190,6 @@ class RunDir:
                 pid = 0
             if pid and pid != os.getpid() and _pid_alive(pid):
                 raise LesiongenError(f"run folder {self.root} is in use by process {pid}; wait for it or stop it")
-        from lesiongen.utils.atomic import write_text
-
         write_text(path, f"{os.getpid()}\n")
 
     def unlock(self) -> None:

@@ -12,6 +12,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
+# The tiny loop run (killed and resumed) shared by the loop, report and demo tests.
+pytest_plugins = ("loop_support",)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DERM_DEV = os.path.join(ROOT, "..", "shared", "data", "derm-dev")
 

@@ -2,7 +2,7 @@
 
 The run goes through the CLI in subprocesses (`python -m lesiongen loop ...`) on the project's toy data
 (32 px) with the tiny random-weight SD pipeline as its base: every stage runs for real, only small.
-Built once per test session (the first test module that asks builds it, the others reuse its folder).
+Built once per test session (a session fixture, registered in conftest.py as a plugin).
 """
 
 from __future__ import annotations
@@ -98,13 +98,4 @@ def _build(root: Path, base: Path) -> TinyRun:
 
 @pytest.fixture(scope="session")
 def tiny_loop_run(tmp_path_factory, tiny_pipeline_dir) -> TinyRun:
-    root = tmp_path_factory.getbasetemp() / "tiny-loop"
-    record = root / "tiny_run.json"
-    if record.is_file():  # already built by another module of this session
-        data = json.loads(record.read_text())
-        return TinyRun(Path(data["run_dir"]), Path(data["config_file"]), data["killed_state"], data["resume_output"])
-    root.mkdir(parents=True, exist_ok=True)
-    run = _build(root, Path(tiny_pipeline_dir))
-    record.write_text(json.dumps({"run_dir": str(run.run_dir), "config_file": str(run.config_file),
-                                  "killed_state": run.killed_state, "resume_output": run.resume_output}))
-    return run
+    return _build(tmp_path_factory.mktemp("tiny-loop"), Path(tiny_pipeline_dir))

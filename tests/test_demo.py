@@ -8,15 +8,14 @@ import re
 import time
 
 import pytest
-
-from loop_support import lesiongen, tiny_loop_run  # noqa: F401
+from loop_support import lesiongen
 
 
 def _table_values(output: str) -> dict[tuple[str, str], str]:
     """(arm, round) -> balanced-accuracy cell of the table the demo printed."""
     lines = [line for line in output.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines[2:]]
     return {(r["arm"], r["round"]): r["balanced accuracy"] for r in rows}
 
 

@@ -5,12 +5,18 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from lesiongen.cli.app import app
 from typer.testing import CliRunner
 
-from lesiongen.cli.app import app
 from lesiongen.errors import InputError
-from lesiongen.loop.config import (ClassicalConfig, config_yaml, load_loop_config, load_resolved,
-                                   parse_set_options, shipped_config)
+from lesiongen.loop.config import (
+    ClassicalConfig,
+    config_yaml,
+    load_loop_config,
+    load_resolved,
+    parse_set_options,
+    shipped_config,
+)
 from lesiongen.loop.layout import ModelKey, RunLayout
 from lesiongen.loop.plan import build_plan, models
 
@@ -78,18 +84,21 @@ def test_test_mining_is_allowed_only_behind_the_flag_and_evaluates_per_round(tmp
     assert names.index("seed-0/round-0/real/eval-test") < names.index("seed-0/round-1/mined/mine")
 
 
-def test_classical_copies_match_the_mined_counts_and_are_deterministic(toy_manifest, tmp_path):
+def test_classical_copies_match_mined_counts_and_are_deterministic(toy_manifest, tmp_path):
     from lesiongen.data.manifest import Manifest, load_manifest
     from lesiongen.loop.classical import augment_copy, make_classical_set, matched_sources
 
     real = load_manifest(toy_manifest)
     val = real.df[real.df["split"] == "val"].head(3)
-    mined = pd.DataFrame({"image": ["v0.png", "v1.png", "v2.png", "p0.png"], "label": [*val["label"][:2], val["label"].iloc[1], "df"],
-                          "split": ["val", "val", "val", "train"], "group_id": ["a", "b", "b", "g"],
-                          "source_image": [val["image"].iloc[0], val["image"].iloc[1], val["image"].iloc[1], ""]})
+    first, second = val["image"].iloc[0], val["image"].iloc[1]
+    mined = pd.DataFrame({  # two variants of `second`, one of `first`, one class-prompted df image (no source)
+        "image": ["v0.png", "v1.png", "v2.png", "p0.png"],
+        "label": [val["label"].iloc[0], val["label"].iloc[1], val["label"].iloc[1], "df"],
+        "split": ["val", "val", "val", "train"], "group_id": ["a", "b", "b", "g"],
+        "source_image": [first, second, second, ""]})
     plan = matched_sources([Manifest(mined, tmp_path, real.classes)], real, seed=0)
     counts = {row["image"]: n for row, n in plan}
-    assert counts[val["image"].iloc[0]] == 1 and counts[val["image"].iloc[1]] == 2
+    assert counts[first] == 1 and counts[second] == 2
     assert sum(counts.values()) == 4 and any(real.df.set_index("image").loc[i, "label"] == "df" for i in counts)
 
     out = make_classical_set(plan, real, ClassicalConfig(), seed=7, out_dir=tmp_path / "a")

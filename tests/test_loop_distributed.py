@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 from lesiongen.runs import RunDir
-from loop_support import tiny_loop_run  # noqa: F401
 
 
 def _free_port() -> int:

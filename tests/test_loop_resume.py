@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 
+from loop_support import KILL_IN_STAGE, lesiongen
+
 from lesiongen.loop.config import load_resolved
 from lesiongen.loop.layout import RunLayout, has_rows
 from lesiongen.loop.plan import build_plan, models
-from loop_support import KILL_IN_STAGE, lesiongen, tiny_loop_run  # noqa: F401
 
 
 def _files(root):

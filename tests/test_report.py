@@ -10,11 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from lesiongen.cli.app import app
 from typer.testing import CliRunner
 
-from lesiongen.cli.app import app
 from lesiongen.report.document import Callout, Document, Figure, Heading, Table, to_html, to_markdown
-from loop_support import tiny_loop_run  # noqa: F401  (session fixture: one tiny run shared by the loop tests)
 
 CHROMIUM_INSTALL = "apt-get install -y chromium"
 CHECK_SCRIPT = """<script>
@@ -59,7 +58,7 @@ def _table_rows(markdown: str, header_start: str) -> list[dict[str, str]]:
     for line in lines[start + 2:]:
         if not line.startswith("|"):
             break
-        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True)))
     return rows
 
 
@@ -116,7 +115,8 @@ def test_document_renders_escaped_markdown_and_html():
     doc = Document("t <&>").add(Callout("leak", "warning"), Heading("h"),
                                 Table(["a|b", "c"], [["1", "<x>"]]), Figure("fig", png, "cap"))
     markdown, html = to_markdown(doc, "assets"), to_html(doc)
-    assert "> **WARNING:** leak" in markdown and "| a\\|b | c |" in markdown and "![fig](assets/fig.png)" in markdown and "*cap*" in markdown
+    assert "> **WARNING:** leak" in markdown and "| a\\|b | c |" in markdown
+    assert "![fig](assets/fig.png)" in markdown and "*cap*" in markdown
     assert "<h1>t &lt;&amp;&gt;</h1>" in html and "&lt;x&gt;" in html and 'class="callout warning"' in html
     assert html.count("data:image/png;base64,") == 1
 
@@ -124,3 +124,19 @@ def test_document_renders_escaped_markdown_and_html():
 def test_report_of_a_folder_that_is_not_a_run(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "not a loop run folder" in result.output
+
+
+def test_report_of_a_test_mining_run_leads_with_the_leakage_warning(tiny_loop_run, tmp_path):
+    import yaml
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_loop_run.run_dir, run_dir, ignore=shutil.ignore_patterns("metrics.json", "report*"))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["mining"].update(split="test", allow_test_mining=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    markdown = (run_dir / "report.md").read_text(encoding="utf-8")
+    first_block = markdown.split("\n\n")[1]
+    assert first_block.startswith("> **WARNING:** LEAKAGE") and "TEST split" in first_block
+    assert "WARNING: LEAKAGE" in (run_dir / "report.html").read_text(encoding="utf-8")

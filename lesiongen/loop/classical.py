@@ -38,7 +38,7 @@ def matched_sources(synthetic: list[Manifest], real: Manifest, seed: int) -> lis
     unsourced: dict[str, int] = {}
     for manifest in synthetic:
         sources = manifest.df.get("source_image", pd.Series("", index=manifest.df.index)).fillna("")
-        for source, label in zip(sources, manifest.df["label"]):
+        for source, label in zip(sources, manifest.df["label"], strict=True):
             if source:
                 if source not in real_rows.index:
                     raise InputError(f"{manifest.where}: source_image '{source}' is not an image of {real.where}")
@@ -90,7 +90,7 @@ def make_classical_set(plan: list[tuple[pd.Series, int]], real: Manifest, config
     for source_row, copies in plan:
         source = real.root / source_row["image"]
         image = torch.from_numpy(np.array(read_rgb(source))).permute(2, 0, 1).contiguous()
-        for k in range(copies):
+        for _ in range(copies):
             copy_seed = _copy_seed(seed, source_row["image"], len(rows))
             augmented = augment_copy(image, config, torch.Generator().manual_seed(copy_seed))
             name = f"images/{Path(source_row['image']).stem}-{METHOD}-{copy_seed:08x}.png"

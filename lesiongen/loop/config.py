@@ -131,7 +131,8 @@ class ClassicalConfig:
     def __post_init__(self) -> None:
         self.crop_scale = tuple(float(v) for v in self.crop_scale)
         if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
-            raise ValueError(f"classical.crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")
+            raise ValueError("classical.crop_scale must be [low, high] with 0 < low <= high <= 1, "
+                             f"got {self.crop_scale}")
         for name in ("brightness", "contrast", "saturation"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"classical.{name} must be in [0, 1), got {getattr(self, name)}")

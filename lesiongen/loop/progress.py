@@ -31,7 +31,8 @@ class StageProgress:
             if self.skipped:
                 self.echo(f"  (skipped {self.skipped} finished stage(s) of an earlier attempt)")
                 self.skipped = 0
-            self.echo(f"[{self.index:>{len(str(self.total))}}/{self.total} {self._clock()}] {stage.title}  ({stage.name})")
+            position = f"{self.index:>{len(str(self.total))}}/{self.total}"
+            self.echo(f"[{position} {self._clock()}] {stage.title}  ({stage.name})")
         elif event == "done":
             details = summary_text(info.get("summary", {}))
             self.echo(f"    done in {info.get('seconds', 0):.1f} s" + (f": {details}" if details else ""))

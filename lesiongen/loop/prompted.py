@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -19,11 +20,14 @@ from lesiongen.data.manifest import Manifest, concat_manifests, load_manifest, w
 from lesiongen.loop.layout import MANIFEST_NAME, has_rows
 from lesiongen.utils.atomic import atomic_path
 
+if TYPE_CHECKING:
+    from lesiongen.loop.stages import StageContext
+
 GENERATED = "generated"
 CANDIDATES = "candidates.csv"
 
 
-def generate_per_class(ctx, counts: dict[str, int], out: Path, seed: int) -> list[Manifest]:
+def generate_per_class(ctx: StageContext, counts: dict[str, int], out: Path, seed: int) -> list[Manifest]:
     """`counts[c] x oversample` class-prompted images of every class c into `out/<c>/` (resumable)."""
     from lesiongen.diffusion.generate import run_generate
     from lesiongen.loop.stages import derive_seed
@@ -44,7 +48,7 @@ def generate_per_class(ctx, counts: dict[str, int], out: Path, seed: int) -> lis
     return manifests
 
 
-def score_like_variants(ctx, images: Manifest, judge: Path) -> pd.DataFrame:
+def score_like_variants(ctx: StageContext, images: Manifest, judge: Path) -> pd.DataFrame:
     """The mined variants' filters applied to `images`: one row per image with `keep` and the scores."""
     import torch
 
@@ -52,15 +56,17 @@ def score_like_variants(ctx, images: Manifest, judge: Path) -> pd.DataFrame:
     from lesiongen.data.images import load_uint8
     from lesiongen.synthesis.pipeline import SynthesisConfig, load_filter
 
-    config = from_dict(SynthesisConfig, {**ctx.config.synthesis, "predictions": "-", "manifest": str(ctx.layout.manifest),
-                                         "base": ctx.base_path(), "classifier": str(judge)}, where="synthesis")
+    # Only the filter part of the settings is used; predictions are not read here.
+    inputs = {"predictions": "-", "manifest": str(ctx.layout.manifest), "base": ctx.base_path(),
+              "classifier": str(judge)}
+    config = from_dict(SynthesisConfig, {**ctx.config.synthesis, **inputs}, where="synthesis")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     variant_filter = load_filter(config, ctx.real_manifest(), device)
     pixels = load_uint8(images.image_paths(), variant_filter.size)
     return variant_filter.score(pixels, list(images.df["label"]))
 
 
-def make_prompted_set(ctx, counts: dict[str, int], folder: Path, judge: Path, *, seed: int) -> dict:
+def make_prompted_set(ctx: StageContext, counts: dict[str, int], folder: Path, judge: Path, *, seed: int) -> dict:
     """Generate (sharded over the processes), then filter and select on the main process; writes
     `candidates.csv` (every image, scored) and `manifest.csv` (the kept ones, at most `counts[c]` per
     class). Returns a summary for the stage record."""

@@ -87,7 +87,8 @@ _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
 color:#1d2433;line-height:1.45}
 h1{border-bottom:2px solid #ccd;padding-bottom:.3em}h2{margin-top:2em;border-bottom:1px solid #dde}
-table{border-collapse:collapse;margin:1em 0;font-size:.88em}th,td{border:1px solid #ccd;padding:.3em .55em;text-align:left}
+table{border-collapse:collapse;margin:1em 0;font-size:.88em}
+th,td{border:1px solid #ccd;padding:.3em .55em;text-align:left}
 th{background:#eef0f6}td{font-variant-numeric:tabular-nums}caption{caption-side:top;text-align:left;
 font-style:italic;padding:.3em 0}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #dde}figcaption{font-size:.88em;color:#555}

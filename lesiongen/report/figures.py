@@ -33,7 +33,7 @@ def round_curves(series: dict[str, list[tuple[int, float, float, float]]], metri
         points = sorted(p for p in points if np.isfinite(p[1]))
         if not points:
             continue
-        rounds, mean, low, high = (np.array(v, dtype=float) for v in zip(*points))
+        rounds, mean, low, high = (np.array(v, dtype=float) for v in zip(*points, strict=True))
         line, = ax.plot(rounds, mean, marker="o", label=arm)
         if np.all(np.isfinite(low)) and np.all(np.isfinite(high)):
             ax.fill_between(rounds, low, high, color=line.get_color(), alpha=0.15)
@@ -50,7 +50,7 @@ def confusion_matrices(matrices: dict[str, np.ndarray], classes: Sequence[str]) 
     plt = _pyplot()
     n = len(matrices)
     fig, axes = plt.subplots(1, n, figsize=(3.3 * n + 0.4, 3.4), squeeze=False)
-    for ax, (title, matrix) in zip(axes[0], matrices.items()):
+    for ax, (title, matrix) in zip(axes[0], matrices.items(), strict=True):
         matrix = np.asarray(matrix, dtype=float)
         rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
         ax.imshow(rates, vmin=0, vmax=1, cmap="Blues")

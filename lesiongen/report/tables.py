@@ -146,8 +146,9 @@ def paired_table(results: Results) -> Table:
         if not c:
             continue
         m = c["mcnemar"]
-        rows.append([model["arm"], str(model["round"]), str(model["seed"]),
-                     *[fmt_ci(c["metrics"][k]["difference"], c["metrics"][k].get("ci95"), signed=True) for k, _ in keys],
+        differences = [fmt_ci(c["metrics"][k]["difference"], c["metrics"][k].get("ci95"), signed=True)
+                       for k, _ in keys]
+        rows.append([model["arm"], str(model["round"]), str(model["seed"]), *differences,
                      f"{fmt_p(m['p_value'])} ({m['only_a_correct']} / {m['only_b_correct']})",
                      fmt(c["metrics"]["balanced_accuracy"].get("p_b_not_better"))])
     return Table(header, rows, caption="Paired comparison with the same seed's real-only classifier on the same "
@@ -162,7 +163,7 @@ def per_class_table(results: Results, classes: list[str]) -> Table:
     rows = []
     for c in classes:
         cells = [c]
-        for arm, r, models in results.groups():
+        for _, r, models in results.groups():
             if r not in (0, last):
                 continue
             sens = _mean([m["test"]["metrics"].get(f"sensitivity/{c}") for m in models])
