@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lesiongen.errors import InputError, LesiongenError
-from lesiongen.utils.atomic import write_json, write_text
+from lesiongen.utils.atomic import replace_dir, write_json, write_text
 
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"
@@ -239,7 +239,7 @@ class StageRunner:
         record = {"title": stage.title, "finished_at": _now(), "seconds": round(seconds, 3), "summary": summary}
         if main:
             write_json(partial / STAGE_RECORD, {"name": stage.name, **record})
-            _replace_dir(partial, final)
+            replace_dir(partial, final)
             self.run.record(stage.name, record)
         self.processes.wait_for_everyone()
         self._emit("done", stage, record)
@@ -266,17 +266,6 @@ class StageRunner:
     def _emit(self, event: str, stage: Stage, info: dict[str, Any]) -> None:
         if self.on_event is not None and self.processes.is_main_process:
             self.on_event(event, stage, info)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def _pid_alive(pid: int) -> bool:
