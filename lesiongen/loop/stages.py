@@ -9,6 +9,7 @@ main process writes files other than the library's own.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ import pandas as pd
 from lesiongen.config import to_dict
 from lesiongen.loop.config import LoopConfig
 from lesiongen.loop.layout import MANIFEST_NAME, ModelKey, RunLayout
-from lesiongen.utils.atomic import write_json
+from lesiongen.utils.atomic import atomic_path, write_json
 
 HARD_CASES = "hard_cases.csv"
 BASE_RECORD = "base.json"
@@ -53,8 +54,6 @@ class StageContext:
 
     def base_path(self) -> str:
         """The base checkpoint: a path recorded by the base stage (relative ones are inside that stage)."""
-        import json
-
         location = json.loads(self.layout.base_record.read_text(encoding="utf-8"))["path"]
         path = self.layout.path(self.layout.BASE) / location
         return str(path) if path.exists() else location  # absolute paths (and hub ids) pass through
@@ -115,12 +114,12 @@ def prepare_base(ctx: StageContext, folder: Path) -> dict:
 
 def pretrain_base(ctx: StageContext, out: Path) -> Path:
     """`lesiongen base pretrain` on the run's train split (resumes its checkpoints after a kill)."""
-    from lesiongen.diffusion.pretrain import checkpoints
-    from lesiongen.diffusion.pretrain.trainer import pretrain_base as pretrain
+    from lesiongen.diffusion.pretrain.checkpoints import checkpoints_in
+    from lesiongen.diffusion.pretrain.run import pretrain_base as pretrain
 
     config = replace(ctx.config.base.pretrain, prompts=ctx.config.data.prompts)
     pretrain(ctx.layout.manifest, out, config=config, resume="latest")
-    for checkpoint in checkpoints.list_checkpoints(out):  # a finished stage is never resumed
+    for checkpoint in checkpoints_in(out):  # a finished stage is never resumed
         shutil.rmtree(checkpoint, ignore_errors=True)
     return out
 
@@ -144,9 +143,9 @@ def finetune(ctx: StageContext, folder: Path) -> dict:
 
 def train(ctx: StageContext, key: ModelKey, folder: Path) -> dict:
     """Train `key`'s classifier on the real train split plus every synthetic set of its arm so far."""
-    from lesiongen.classifier.checkpoints import list_checkpoints
     from lesiongen.classifier.train import train_classifier
     from lesiongen.loop.plan import history
+    from lesiongen.utils.checkpoints import list_checkpoints
 
     synthetic = [str(p) for k in history(key) for p in ctx.layout.synthetic_manifests(k)] if key.arm != "real" else []
     config = replace(ctx.config.classifier, manifest=str(ctx.layout.manifest), synthetic=synthetic, seed=key.seed)
@@ -198,10 +197,8 @@ def mine(ctx: StageContext, key: ModelKey, folder: Path) -> dict:
         result = mine_hard_cases(predictions, ctx.config.mining)
         cases, stats = result.cases, result.stats
     except NoHardCasesError as err:  # a classifier with nothing left to mine: the round adds no images
-        cases, stats = pd.DataFrame(columns=["rank", "image", "label", "split", "group_id"]), {"mined": 0,
-                                                                                              "note": str(err)}
-    from lesiongen.utils.atomic import atomic_path
-
+        cases = pd.DataFrame(columns=["rank", "image", "label", "split", "group_id"])
+        stats = {"mined": 0, "note": str(err)}
     with atomic_path(folder / HARD_CASES) as tmp:
         cases.to_csv(tmp, index=False)
     write_json(folder / "mining.json", {**stats, "leakage_warning": ctx.config.mining.leakage_warning})
@@ -211,8 +208,6 @@ def mine(ctx: StageContext, key: ModelKey, folder: Path) -> dict:
 def vary(ctx: StageContext, key: ModelKey, folder: Path) -> dict:
     """`mine-and-generate` on the previous model's predictions: invert every hard case, make variants,
     filter them (the previous model judges the label), keep the survivors with their provenance."""
-    import json
-
     from lesiongen.config import from_dict
     from lesiongen.loop.plan import previous
     from lesiongen.synthesis.pipeline import SynthesisConfig, run_mine_and_generate

@@ -53,6 +53,7 @@ def pretrain_base(manifest: str | Path, out: str | Path, *, preset: str = "small
                   time_limit_s: float | None = None, log: Callable[[str], None] = print) -> PretrainResult:
     """Pretrain an SD-format base on a manifest's images and save it as a diffusers folder at `out`.
 
+    `preset` only picks the architecture when no `config` is given (a config carries its own preset).
     `resume='latest'` continues the run in `out` (or starts it when it has no checkpoint yet);
     `stop_after_steps` / `time_limit_s` pause the run after a checkpoint so a long pretraining can be a
     chain of short jobs.
