@@ -12,7 +12,7 @@ path every other command takes), and judges them:
 
 Data: `--data toy` (made here), `--data derm-dev` (../shared/data/derm-dev, indexed here) or a manifest.
 
-    python bench/pretrain_quality.py --config configs/pretrain-toy-cpu.yaml              # CPU, toy data
+    python bench/pretrain_quality.py --config configs/pretrain-toy-cpu.yaml              # CPU, toy data, 32 px
     python bench/pretrain_quality.py --config configs/pretrain-derm-dev-gpu.yaml --data derm-dev \\
         --judge checkpoints/classifier-derm-dev --time-limit 9 --work checkpoints/bench-pretrain  # GPU, repeat
     python bench/pretrain_quality.py --variant eps:unet.prediction_type=epsilon,unet.noise_schedule=sd15 \\
