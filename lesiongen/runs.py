@@ -61,12 +61,9 @@ class SingleProcess:
 def current_processes() -> Processes:
     """accelerate's view of the processes when launched by `accelerate launch`, else a single process."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-        from accelerate.utils import parse_flag_from_env
+        from lesiongen.utils.distributed import process_state
 
-        # As AcceleratorState does: without `cpu=True` a first PartialState ignores ACCELERATE_USE_CPU and
-        # every CPU process would think it is the only one.
-        return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+        return process_state()
     return SingleProcess()
 
 

@@ -10,9 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -22,6 +19,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
+
+from launch_support import failure, launch
 
 from lesiongen.cli.app import app
 from lesiongen.data.manifest import Manifest, load_manifest, write_manifest
@@ -232,12 +231,6 @@ def test_compare_two_models_paired(trained, toy_manifest, recipe, tmp_path):
     assert "B-A" in again.output
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_training_on_two_cpu_processes_gathers_the_single_process_evaluation(env, toy_manifest, recipe, tmp_path):
     """`accelerate launch` with two gloo processes on the CPU, then a one-process `evaluate` of the same weights.
 
@@ -247,13 +240,8 @@ def test_ddp_training_on_two_cpu_processes_gathers_the_single_process_evaluation
     last batches are padded with duplicates that the gather must drop.
     """
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "lesiongen", "train-classifier",
-               "--manifest", str(toy_manifest), "--config", str(recipe), "--out", str(out)]
-    environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = launch("train-classifier", "--manifest", toy_manifest, "--config", recipe, "--out", out, timeout=300)
+    assert run.returncode == 0, failure(run)
     info = json.loads((out / "classifier.json").read_text())
     assert info["training"]["num_processes"] == 2 and info["training"]["effective_batch_size"] == 16
     steps = steps_per_epoch(toy_manifest, processes=2)

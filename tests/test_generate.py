@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from launch_support import failure, launch
+
 from lesiongen.cli.app import app
 from lesiongen.data.manifest import load_manifest
 
@@ -66,6 +68,18 @@ def test_rerun_fills_in_only_the_missing_images(df_images, finetuned_adapter_dir
     other = generate("--adapter", finetuned_adapter_dir, "--class", "df",
                      "--n", "4", "--out", df_images, "--steps", "3")
     assert other.exit_code == 2 and "steps: 2 -> 3" in other.output
+
+
+def test_two_processes_render_the_same_images_as_one(df_images, finetuned_adapter_dir, tmp_path):
+    """Each process renders every other image; one seeded generator per image makes the split invisible."""
+    out = tmp_path / "two"
+    run = launch("generate", "--adapter", finetuned_adapter_dir, "--class", "df", "--n", "3", "--batch-size", "1",
+                 "--out", out, *QUICK, timeout=300)
+    assert run.returncode == 0, failure(run)
+    assert len(load_manifest(out / "manifest.csv")) == 3
+    for index in range(3):
+        name = f"images/df/df-{index:05d}.png"
+        assert np.array_equal(pixels(out / name), pixels(df_images / name)), name
 
 
 def test_free_prompt_is_labelled_by_its_class_token(finetuned_adapter_dir, tmp_path):

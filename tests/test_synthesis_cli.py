@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
+
+from launch_support import failure, launch
 
 from lesiongen.cli.app import app
 from lesiongen.data.manifest import load_manifest
@@ -197,12 +196,6 @@ def test_bad_input(made, toy_manifest, tiny_pipeline_dir, tmp_path):
     assert not out.exists()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_make_the_same_images_as_one(made, toy_manifest, tiny_pipeline_dir, tmp_path):
     """Sharded over two gloo CPU processes (`--multi_gpu` + ACCELERATE_USE_CPU, see the classifier tests)."""
     # batches of one, so both runs compute each image alike (see the resume check above)
@@ -211,14 +204,11 @@ def test_two_processes_make_the_same_images_as_one(made, toy_manifest, tiny_pipe
     one = tmp_path / "one"
     cli(*common(made, toy_manifest, tiny_pipeline_dir, one), *args)
     two = tmp_path / "two"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "-m", "lesiongen",
-               *map(str, common(made, toy_manifest, tiny_pipeline_dir, two)), *args]
-    environment = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = launch(*common(made, toy_manifest, tiny_pipeline_dir, two), *args, timeout=300)
+    assert run.returncode == 0, failure(run)
     single, sharded = pd.read_csv(one / "candidates.csv"), pd.read_csv(two / "candidates.csv")
     assert len(single) == 4 and single.equals(sharded)
+    # two processes that each believed they were alone would also agree; the summary says who did the work
+    assert json.loads((two / "summary.json").read_text())["processes"] == 2
     for image in single["image"]:
         assert (one / image).read_bytes() == (two / image).read_bytes()

@@ -275,13 +275,12 @@ def run_generate(*, base: str | None, adapter: str | os.PathLike | None, classes
                  fuse: bool = True, allow_pickle: bool = False, overwrite: bool = False,
                  progress: bool = True) -> Path:
     """`lesiongen generate`: load base (+ adapter), plan the images, render the missing ones."""
-    from accelerate import PartialState
-
     from lesiongen.data.prompts import load_prompts
     from lesiongen.diffusion.adapters import AdapterInfo, adapter_hash, load_adapted_pipeline
     from lesiongen.diffusion.fingerprint import pipeline_hash
     from lesiongen.diffusion.info import native_resolution
     from lesiongen.diffusion.resolution import check_resolution
+    from lesiongen.utils.distributed import process_state
 
     info = AdapterInfo.load(adapter) if adapter is not None else None
     base = base or (info.base if info else None)
@@ -302,7 +301,7 @@ def run_generate(*, base: str | None, adapter: str | os.PathLike | None, classes
         raise InputError(str(err)) from err
     requests = (prompt_requests(prompt_set, prompt, n, seed, classes[0] if classes else None) if prompt is not None
                 else class_requests(prompt_set, list(classes), n, seed))
-    processes = PartialState()  # one process, or one per GPU under `accelerate launch`
+    processes = process_state()  # one process, or one per GPU under `accelerate launch`
     dtype = inference_dtype(processes.device)
     pipe = load_adapted_pipeline(base, adapter, allow_pickle=allow_pickle, torch_dtype=dtype)
     pipe.to(processes.device)

@@ -249,13 +249,12 @@ def run_mine_and_generate(config: SynthesisConfig, *, overwrite: bool = False) -
     """The whole command on this process; returns the run's summary (on every process)."""
     import json
 
-    from accelerate import PartialState
-
     from lesiongen.synthesis import outputs
     from lesiongen.utils.atomic import atomic_path
+    from lesiongen.utils.distributed import process_state
 
     started = time.time()
-    state = PartialState()
+    state = process_state()
     manifest, mined = mine(config)
     identity = model_identity(config)
     out = Path(config.out)
@@ -284,7 +283,8 @@ def run_mine_and_generate(config: SynthesisConfig, *, overwrite: bool = False) -
     if state.is_main_process:
         records = outputs.load_records(out, list(mined.cases["image"]))
         outputs.write_outputs(out, mined.cases, records, manifest.classes, leakage_warning=mined.leakage_warning,
-                              summary=run_summary(config, mined, generator, variant_filter, time.time() - started),
+                              summary=run_summary(config, mined, generator, variant_filter, time.time() - started,
+                                                  processes=state.num_processes),
                               manifest_meta={"source_manifest": str(Path(config.manifest).resolve()),
                                              "generator_hash": generator.generator_hash})
     state.wait_for_everyone()
@@ -292,7 +292,7 @@ def run_mine_and_generate(config: SynthesisConfig, *, overwrite: bool = False) -
 
 
 def run_summary(config: SynthesisConfig, mined: MiningResult, generator: Generator, variant_filter: VariantFilter,
-                seconds: float) -> dict:
+                seconds: float, *, processes: int = 1) -> dict:
     return {
         "mining": mined.stats,
         "method": config.variants.method,
@@ -308,6 +308,7 @@ def run_summary(config: SynthesisConfig, mined: MiningResult, generator: Generat
                         else "off (no --classifier)",
         "memorization_filter": "on" if variant_filter.memorization is not None else "off",
         "seconds": round(seconds, 1),
+        "processes": processes,
     }
 
 

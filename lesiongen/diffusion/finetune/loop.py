@@ -286,7 +286,10 @@ class Trainer:
             if (config.validate_every and self.state.step % config.validate_every == 0) or done:
                 self.validate()
         bar.close()
-        accelerator.end_training()
+        # Only the trackers: `end_training()` also destroys the process group, which the export and the
+        # loop's later stages still need under `accelerate launch`.
+        for tracker in accelerator.trackers:
+            tracker.finish()
         return self.state
 
     def _flush(self, last_checkpoint: int | None, images_per_second: float | None = None) -> None:

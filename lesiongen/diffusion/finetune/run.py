@@ -77,11 +77,10 @@ def prepare_out_dir(config: FinetuneConfig, *, resume: str | None, overwrite: bo
 
 def run_finetune(config: FinetuneConfig, *, resume: str | None = None, overwrite: bool = False) -> Path:
     """Train, then write the adapter in every format with its model card; returns the output folder."""
-    from accelerate import PartialState
-
     from lesiongen.diffusion.finetune.loop import Trainer
+    from lesiongen.utils.distributed import process_state
 
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:
         prepare_out_dir(config, resume=resume, overwrite=overwrite)
     state.wait_for_everyone()
@@ -111,7 +110,8 @@ def export_adapter(trainer) -> Path:
         lora={"rank": config.lora.rank, "alpha": config.lora.lora_alpha, "target_modules": config.lora.target_modules,
               "text_encoder": config.lora.text_encoder} if lora is not None else {},
         training={"lr": config.lr, "token_lr": config.tokens.lr, "batch_size": config.batch_size,
-                  "grad_accum": config.grad_accum, "num_train_images": len(trainer.data),
+                  "grad_accum": config.grad_accum, "num_processes": trainer.accelerator.num_processes,
+                  "num_train_images": len(trainer.data),
                   "final_loss": trainer.state.losses[-1]["loss"] if trainer.state.losses else None},
     )
     pipeline = None
