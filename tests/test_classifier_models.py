@@ -53,6 +53,16 @@ def test_offline_imagenet_weights_recognise_imagenet_photos():
     assert seven.classifier.out_features == 7
 
 
+def test_a_fresh_weights_cache_leaves_the_seeded_random_state_alone(tmp_path):
+    """The first run on a machine converts the weights; it must train exactly like every later run."""
+    from lesiongen.classifier.weights import imagenet_weights_file
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    imagenet_weights_file("tf_efficientnet_lite0", tmp_path)  # an empty cache: converts now
+    assert torch.equal(before, torch.get_rng_state())
+
+
 def test_unknown_architecture_is_refused_with_suggestions():
     with pytest.raises(InputError, match=r"unknown architecture 'efficientnet_b00'.*efficientnet_b0"):
         create_classifier("efficientnet_b00", 7)

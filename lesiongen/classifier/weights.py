@@ -86,7 +86,10 @@ def imagenet_weights_file(arch: str, cache_dir: str | os.PathLike | None = None)
         from safetensors.torch import save_file
 
         read, convert = OFFLINE_IMAGENET[arch]
-        state_dict = convert(read())
+        # Reading the package's file draws from torch's global RNG (it builds a model); without the fork a
+        # run on a fresh cache would train differently from the same run once the cache exists.
+        with torch.random.fork_rng(devices=[]):
+            state_dict = convert(read())
         with atomic_path(path) as tmp:  # several processes may convert at once: each renames a whole file
             save_file(state_dict, str(tmp), metadata={"arch": arch, "source": "ImageNet-1k, offline package"})
     return path
