@@ -111,9 +111,10 @@ def finetune(
 def generate(
     base: Annotated[str | None, typer.Option(help="Base model (default: the adapter's base).")] = None,
     adapter: Annotated[Path | None, typer.Option(help="Adapter folder from `lesiongen finetune`.")] = None,
-    classes: Annotated[list[str] | None, typer.Option("--class", help="Class to draw (repeatable; 'all' for every "
-                                                      "class); with --prompt, the label of its images.")] = None,
-    n: Annotated[int, typer.Option("--n", min=1, help="Images per class (or per prompt).")] = 8,
+    classes: Annotated[list[str] | None, typer.Option("--class", help="Class to draw, as CLASS or CLASS=N (repeatable; "
+                                                      "'all' for every class); with --prompt, the label of its "
+                                                      "images.")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Images per class without its own =N (or per prompt).")] = 8,
     prompt: Annotated[str | None, typer.Option(help="A free prompt instead of the class prompts.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: checkpoints/generated).")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Sampling steps.")] = 30,
@@ -129,7 +130,8 @@ def generate(
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickle weights (.ckpt/.bin).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Regenerate into a folder made with other settings.")] = False,
 ) -> None:
-    """Draw images of classes (e.g. `--class df --n 500`) or of a free prompt; writes PNGs + a manifest."""
+    """Draw images of classes (`--class df --n 500`, `--class mel=200 --class df=50`) or of a free prompt;
+    writes PNGs + a manifest."""
     _choice(scheduler, SCHEDULERS, "--scheduler")
     if prompt is None and not classes:
         raise typer.BadParameter("give --class (repeatable, or 'all') or --prompt", param_hint="--class")

@@ -93,6 +93,18 @@ def test_free_prompt_is_labelled_by_its_class_token(finetuned_adapter_dir, tmp_p
     assert unlabelled.exit_code == 2 and "pass --class" in unlabelled.output
 
 
+def test_each_class_may_have_its_own_count(finetuned_adapter_dir, tmp_path):
+    out = tmp_path / "counts"
+    result = generate("--adapter", finetuned_adapter_dir, "--class", "df=2", "--class", "vasc", "--n", "1",
+                      "--out", out, *QUICK)
+    assert result.exit_code == 0, result.output
+    assert load_manifest(out / "manifest.csv").df["label"].value_counts().to_dict() == {"df": 2, "vasc": 1}
+    for bad in ("df=0", "df=two"):
+        refused = generate("--adapter", finetuned_adapter_dir, "--class", bad, "--out", tmp_path / "bad")
+        assert refused.exit_code == 2 and f"--class {bad}: expected CLASS or CLASS=N" in refused.output
+        assert not (tmp_path / "bad").exists()
+
+
 def test_a_class_not_in_the_prompt_file_is_refused(finetuned_adapter_dir, tmp_path):
     result = generate("--adapter", finetuned_adapter_dir, "--class", "scc", "--out", tmp_path / "x")
     assert result.exit_code == 2 and "class 'scc' is not in the prompt file" in result.output

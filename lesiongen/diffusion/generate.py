@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -129,10 +130,32 @@ class Renderer:
         return (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
-def class_requests(prompts: PromptSet, classes: list[str], n: int, seed: int) -> list[ImageRequest]:
-    """`n` images of each class from its plain class prompt; image i of a class has seed `seed + i`."""
+def class_requests(prompts: PromptSet, classes: list[str] | dict[str, int], n: int, seed: int) -> list[ImageRequest]:
+    """`n` images of each class (or `classes[c]` of class c) from its plain class prompt; image i of a
+    class has seed `seed + i`, so a larger count only adds images."""
+    counts = classes if isinstance(classes, dict) else dict.fromkeys(classes, n)
     return [ImageRequest(c, prompts.class_prompt(c), seed + i, f"images/{c}/{c}-{i:05d}.png")
-            for c in classes for i in range(n)]
+            for c, count in counts.items() for i in range(count)]
+
+
+def class_counts(entries: list[str], n: int, prompts: PromptSet) -> dict[str, int]:
+    """`--class` values -> images per class: `mel` (n of them), `mel=200`, or `all` (n of every class)."""
+    counts: dict[str, int] = {}
+    for entry in entries:
+        label, _, count = entry.partition("=")
+        if label == "all":
+            names = prompts.class_names
+        else:
+            prompts.get(label)
+            names = [label]
+        try:
+            number = int(count) if count else n
+        except ValueError:
+            number = 0
+        if number < 1:
+            raise InputError(f"--class {entry}: expected CLASS or CLASS=N with N a positive whole number")
+        counts.update(dict.fromkeys(names, number))
+    return counts
 
 
 def prompt_requests(prompts: PromptSet, prompt: str, n: int, seed: int, label: str | None) -> list[ImageRequest]:
@@ -268,39 +291,68 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def run_generate(*, base: str | None, adapter: str | os.PathLike | None, classes: list[str] | None, n: int,
-                 prompt: str | None, out: str | os.PathLike, steps: int = 30, guidance: float = 7.5,
-                 scheduler: str = "dpmpp", negative_prompt: str | None = None, batch_size: int = 8, seed: int = 0,
-                 resolution: int | None = None, prompts: str | None = None, compile: bool = False,
-                 fuse: bool = True, allow_pickle: bool = False, overwrite: bool = False,
-                 progress: bool = True) -> Path:
-    """`lesiongen generate`: load base (+ adapter), plan the images, render the missing ones."""
+@dataclass
+class LoadedGenerator:
+    """A pipeline loaded once (base + adapter, scheduler, fast path) that fills any number of folders.
+
+    The loop draws each class into its own folder with its own count and seeds; loading the pipeline
+    once for all of them, not once per class, is what this object is for.
+    """
+
+    renderer: Renderer
+    record: GenerationRecord  # the folder record without its seed and request count
+    prompt_set: PromptSet
+    processes: Any
+
+    def class_folder(self, counts: dict[str, int], seed: int, out: str | os.PathLike, *,
+                     overwrite: bool = False, progress: bool = True) -> Path:
+        """`counts[c]` images of each class c into `out` (resumable); returns its manifest path."""
+        for label in counts:
+            self.prompt_set.get(label)
+        return self._fill(class_requests(self.prompt_set, counts, 0, seed), seed, out, overwrite, progress)
+
+    def prompt_folder(self, prompt: str, label: str | None, n: int, seed: int, out: str | os.PathLike, *,
+                      overwrite: bool = False, progress: bool = True) -> Path:
+        """`n` images of a free prompt into `out`, labelled `label` or by the class token it names."""
+        return self._fill(prompt_requests(self.prompt_set, prompt, n, seed, label), seed, out, overwrite, progress)
+
+    def _fill(self, requests: list[ImageRequest], seed: int, out: str | os.PathLike, overwrite: bool,
+              progress: bool) -> Path:
+        record = replace(self.record, settings={**self.record.settings, "seed": seed})
+        return generate_to_folder(self.renderer, requests, out, record, overwrite=overwrite, progress=progress,
+                                  processes=self.processes)
+
+
+def adapter_and_prompts(adapter: str | os.PathLike | None, prompts: str | None):
+    """The adapter's record (None without one) and the prompt set: `prompts`, else the adapter's own."""
     from lesiongen.data.prompts import load_prompts
-    from lesiongen.diffusion.adapters import AdapterInfo, adapter_hash, load_adapted_pipeline
+    from lesiongen.diffusion.adapters import AdapterInfo
+
+    info = AdapterInfo.load(adapter) if adapter is not None else None
+    return info, load_prompts(prompts or (info.prompt_file if info else "ham10000"))
+
+
+def load_generator(*, base: str | None, adapter: str | os.PathLike | None, steps: int = 30,
+                   guidance: float = 7.5, scheduler: str = "dpmpp", negative_prompt: str | None = None,
+                   batch_size: int = 8, resolution: int | None = None, prompts: str | None = None,
+                   compile: bool = False, fuse: bool = True, allow_pickle: bool = False) -> LoadedGenerator:
+    """Load base (+ adapter) on this process's device with the generation settings validated first."""
+    from lesiongen.diffusion.adapters import adapter_hash, load_adapted_pipeline
     from lesiongen.diffusion.fingerprint import pipeline_hash
     from lesiongen.diffusion.info import native_resolution
     from lesiongen.diffusion.resolution import check_resolution
     from lesiongen.utils.distributed import process_state
 
-    info = AdapterInfo.load(adapter) if adapter is not None else None
+    info, prompt_set = adapter_and_prompts(adapter, prompts)
     base = base or (info.base if info else None)
     if base is None:
         raise InputError("--base is required when no --adapter names its base")
-    prompt_set = load_prompts(prompts or (info.prompt_file if info else "ham10000"))
-    if classes and "all" in classes:
-        classes = prompt_set.class_names
-    for label in classes or []:
-        prompt_set.get(label)
-    if prompt is not None and classes and len(classes) > 1:
-        raise InputError("--prompt takes at most one --class (the label of its images)")
     negative = prompt_set.negative_prompt if negative_prompt is None else negative_prompt
     try:
         settings = GenerationSettings(steps=steps, guidance=guidance, scheduler=scheduler, batch_size=batch_size,
-                                      negative_prompt=negative, seed=seed, compile=compile, fuse=fuse)
+                                      negative_prompt=negative, compile=compile, fuse=fuse)
     except ValueError as err:
         raise InputError(str(err)) from err
-    requests = (prompt_requests(prompt_set, prompt, n, seed, classes[0] if classes else None) if prompt is not None
-                else class_requests(prompt_set, list(classes), n, seed))
     processes = process_state()  # one process, or one per GPU under `accelerate launch`
     dtype = inference_dtype(processes.device)
     pipe = load_adapted_pipeline(base, adapter, allow_pickle=allow_pickle, torch_dtype=dtype)
@@ -314,6 +366,26 @@ def run_generate(*, base: str | None, adapter: str | os.PathLike | None, classes
                               adapter=str(adapter) if adapter else None,
                               adapter_hash=adapter_hash(adapter) if adapter else None,
                               prompt_file=prompt_set.source, classes=prompt_set.class_names)
-    renderer = Renderer(pipe, settings, negative, settings.resolution)
-    return generate_to_folder(renderer, requests, out, record, overwrite=overwrite, progress=progress,
-                              processes=processes)
+    return LoadedGenerator(Renderer(pipe, settings, negative, settings.resolution), record, prompt_set, processes)
+
+
+def run_generate(*, classes: list[str] | None, n: int, prompt: str | None, out: str | os.PathLike, seed: int = 0,
+                 overwrite: bool = False, progress: bool = True, **loading: Any) -> Path:
+    """`lesiongen generate`: class-prompted images (`classes` as `--class` takes them: `mel`, `mel=200`,
+    `all`; `n` per class unless given), or `n` images of one free `prompt`.
+
+    `loading` holds `load_generator`'s arguments (base, adapter, steps, guidance, ...).
+    """
+    if prompt is not None and classes and len(classes) > 1:
+        raise InputError("--prompt takes at most one --class (the label of its images)")
+    if prompt is None and not classes:
+        raise InputError("pass --class (one or more, or 'all') or --prompt")
+    _, prompt_set = adapter_and_prompts(loading.get("adapter"), loading.get("prompts"))
+    counts = class_counts(classes, n, prompt_set) if prompt is None else {}  # bad classes fail before the load
+    if prompt is not None and classes:
+        prompt_set.get(classes[0])
+    generator = load_generator(**loading)
+    if prompt is not None:
+        return generator.prompt_folder(prompt, classes[0] if classes else None, n, seed, out, overwrite=overwrite,
+                                       progress=progress)
+    return generator.class_folder(counts, seed, out, overwrite=overwrite, progress=progress)

@@ -29,20 +29,22 @@ CANDIDATES = "candidates.csv"
 
 def generate_per_class(ctx: StageContext, counts: dict[str, int], out: Path, seed: int) -> list[Manifest]:
     """`counts[c] x oversample` class-prompted images of every class c into `out/<c>/` (resumable)."""
-    from lesiongen.diffusion.generate import run_generate
+    from lesiongen.diffusion.generate import load_generator
     from lesiongen.loop.stages import derive_seed
 
+    wanted = {label: count for label, count in sorted(counts.items()) if count >= 1}
+    if not wanted:
+        return []
     settings = ctx.config.generate
+    generator = load_generator(base=ctx.base_path(), adapter=ctx.layout.adapter, steps=settings.steps,
+                               guidance=settings.guidance, scheduler=settings.scheduler,
+                               batch_size=settings.batch_size, prompts=ctx.config.data.prompts,
+                               compile=settings.compile, fuse=settings.fuse, allow_pickle=ctx.config.base.allow_pickle)
     manifests = []
-    for label, count in sorted(counts.items()):
-        if count < 1:
-            continue
+    for label, count in wanted.items():
         folder = out / label
-        run_generate(base=ctx.base_path(), adapter=ctx.layout.adapter, classes=[label],
-                     n=math.ceil(count * settings.oversample), prompt=None, out=folder, steps=settings.steps,
-                     guidance=settings.guidance, scheduler=settings.scheduler, batch_size=settings.batch_size,
-                     seed=derive_seed(seed, label), prompts=ctx.config.data.prompts, compile=settings.compile,
-                     fuse=settings.fuse, allow_pickle=ctx.config.base.allow_pickle, progress=False)
+        generator.class_folder({label: math.ceil(count * settings.oversample)}, derive_seed(seed, label), folder,
+                               progress=False)
         if has_rows(folder / MANIFEST_NAME):
             manifests.append(load_manifest(folder / MANIFEST_NAME))
     return manifests
