@@ -198,6 +198,16 @@ class RunDir:
             pass
 
 
+POLL_SECONDS = 2.0
+
+
+def wait_for_file(path: Path) -> None:
+    """Block until `path` exists. If the process that makes it dies, `accelerate launch` (torchrun)
+    stops this one too."""
+    while not path.exists():
+        time.sleep(POLL_SECONDS)
+
+
 @dataclass
 class StageRunner:
     """Runs stages in order, skipping finished ones; `on_event` drives a progress display."""
@@ -231,7 +241,12 @@ class StageRunner:
         summary: dict[str, Any] = {}
         if stage.distributed or main:
             summary = stage.build(partial) or {}
-        self.processes.wait_for_everyone()
+        if stage.distributed:
+            self.processes.wait_for_everyone()  # every process's share is in `partial`
+        elif not main:
+            # A main-only stage (a base pretrained for hours) outlasts the process group's collective
+            # timeout (10 min under NCCL): the others wait for its finished folder, not at a barrier.
+            wait_for_file(final / STAGE_RECORD)
         seconds = time.perf_counter() - start
         record = {"title": stage.title, "finished_at": _now(), "seconds": round(seconds, 3), "summary": summary}
         if main:

@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,44 @@ def test_stages_run_once_and_are_recorded(tmp_path):
     again = StageRunner(RunDir.open(run.root))
     assert again(Stage("a", "a", _writer(calls, "a"))).skipped
     assert calls == ["a", "b/c"]
+
+
+class ThreadProcesses:
+    """Two threads standing in for two processes; the barrier's timeout plays the collective timeout."""
+
+    def __init__(self, barrier: threading.Barrier, main: bool) -> None:
+        self.barrier, self.is_main_process = barrier, main
+
+    def wait_for_everyone(self) -> None:
+        self.barrier.wait()
+
+
+def test_a_main_only_stage_may_outlast_the_collective_timeout(tmp_path, monkeypatch):
+    """The other processes wait for the stage's folder, not at a barrier that would time out."""
+    import lesiongen.runs
+
+    monkeypatch.setattr(lesiongen.runs, "POLL_SECONDS", 0.05)
+    root = RunDir.create(tmp_path / "run", "x: 1\n").root
+    barrier = threading.Barrier(2, timeout=1.0)
+    calls: list[str] = []
+
+    def slow(folder: Path) -> dict:
+        time.sleep(2.0)  # twice the "collective timeout"
+        return _writer(calls, "slow")(folder)
+
+    results: dict[bool, object] = {}
+
+    def process(main: bool) -> None:
+        runner = StageRunner(RunDir.open(root), processes=ThreadProcesses(barrier, main))
+        results[main] = runner(Stage("slow", "slow", slow))
+
+    threads = [threading.Thread(target=process, args=(main,)) for main in (True, False)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not barrier.broken and calls == ["slow"]
+    assert set(results) == {True, False} and RunDir.open(root).is_finished("slow")
 
 
 def test_failed_stage_leaves_no_finished_folder(tmp_path):
