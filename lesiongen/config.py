@@ -62,14 +62,15 @@ def _dataclass_in(hint: Any) -> type | None:
     return None
 
 
-def merge(base: dict, overrides: dict) -> dict:
-    """Deep-merge `overrides` into `base`; None values in overrides mean 'not given on the CLI'."""
+def merge(base: dict, overrides: dict, *, none_is_value: bool = False) -> dict:
+    """Deep-merge `overrides` into `base`. None in overrides means 'not given on the CLI', unless
+    `none_is_value` (a YAML `null` written on purpose, e.g. `--set base.pretrain=null`)."""
     out = dict(base)
     for key, value in overrides.items():
-        if value is None:
+        if value is None and not none_is_value:
             continue
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+            out[key] = merge(out[key], value, none_is_value=none_is_value)
         else:
             out[key] = value
     return out

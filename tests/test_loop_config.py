@@ -56,6 +56,13 @@ def test_bad_config_values_fail_at_load_naming_the_key(overrides, message):
     assert message in str(err.value)
 
 
+def test_set_null_clears_a_section_of_the_yaml():
+    """The documented swap of the in-run pretraining for a base made earlier."""
+    overrides = parse_set_options(["base.pretrain=null", "base.path=/bases/derm-dev-small"])
+    config = load_loop_config(shipped_config("derm-dev-small"), overrides)
+    assert config.base.pretrain is None and config.base.path == "/bases/derm-dev-small"
+
+
 def test_set_options_parse_as_nested_yaml():
     assert parse_set_options(["classifier.epochs=3", "seeds=[0, 1]", "base.pretrain=null"]) == {
         "classifier": {"epochs": 3}, "seeds": [0, 1], "base": {"pretrain": None}}

@@ -249,7 +249,7 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
 def load_loop_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> LoopConfig:
     """YAML (or the built-in defaults) -> CLI overrides -> a validated LoopConfig."""
     data = load_yaml(path) if path is not None else {}
-    data = merge(data, overrides or {})
+    data = merge(data, overrides or {}, none_is_value=True)  # `--set key=null` clears a key
     where = str(path) if path is not None else "config"
     for section, keys in LOOP_OWNED_KEYS.items():
         owned = sorted(set(_at(data, section)) & set(keys))
