@@ -46,6 +46,7 @@ def evaluate_synthetic(
     max_synthetic: Annotated[Optional[int], typer.Option(min=2, help="Seeded random subsample of the synthetic rows.")] = None,
     kid_subsets: Annotated[int, typer.Option(min=1)] = 100,
     kid_subset_size: Annotated[int, typer.Option(min=2, help="Shrunk to the smaller set when larger.")] = 1000,
+    fd_inf_components: Annotated[int, typer.Option(min=0, help="Principal directions of FD∞, the bias-corrected Fréchet distance; 0 skips it.")] = 64,
     prdc_k: Annotated[int, typer.Option(min=1, help="k of the k-NN precision / recall / density / coverage.")] = 5,
     phash_threshold: Annotated[int, typer.Option(min=1, help="Flag a synthetic image within this many of 256 pHash bits of a real one.")] = 24,
     feature_threshold: Annotated[str, typer.Option(help="Flag within this cosine distance in classifier features; 'auto' calibrates it on the real set.")] = "auto",
@@ -64,9 +65,9 @@ def evaluate_synthetic(
     threshold = _feature_threshold(feature_threshold)
     config = QualityConfig(
         real_split=real_split, size=size, inception_feature=None if inception_feature == "none" else int(inception_feature),
-        kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, prdc_k=prdc_k, max_real=max_real,
-        max_synthetic=max_synthetic, phash_threshold=phash_threshold, feature_threshold=threshold,
-        gallery_pairs=gallery_pairs, batch_size=batch_size, device=device, seed=seed,
+        kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, fd_inf_components=fd_inf_components,
+        prdc_k=prdc_k, max_real=max_real, max_synthetic=max_synthetic, phash_threshold=phash_threshold,
+        feature_threshold=threshold, gallery_pairs=gallery_pairs, batch_size=batch_size, device=device, seed=seed,
         cache_dir=str(cache_dir) if cache_dir else None,
     )
     if classifier is not None and not classifier.is_dir():
@@ -88,6 +89,9 @@ def summary_lines(report: dict) -> list[str]:
         fid = f"FID {entry['fid']:.3f}" if entry["fid"] is not None else "FID n/a"
         kid = f"KID {entry['kid_mean']:.5f} ± {entry['kid_std']:.5f}" if entry["kid_mean"] is not None else "KID n/a"
         lines.append(f"{space} ({report['feature_extractors'][space]['name']}, {entry['feature_dim']}-d): {fid}, {kid}")
+        if entry.get("fd_inf") is not None:
+            lines.append(f"  FD∞ {entry['fd_inf']:.3f} in {entry['fd_inf_components']} principal directions "
+                         f"(FD there before extrapolation {entry['fd_k']:.3f})")
         if entry.get("prdc"):
             p = entry["prdc"]
             lines.append(f"  precision {p['precision']:.3f}  recall {p['recall']:.3f}  density {p['density']:.3f}  "

@@ -86,7 +86,8 @@ def test_cli_end_to_end(toy_manifest, clean_toy, classifier_dir, cache, tmp_path
                                          plant={"copy.png": (label_a, copied), "reencoded.jpg": (label_b, reencoded)})
     out = tmp_path / "quality"
     args = ["evaluate-synthetic", "--real", str(toy_manifest), "--synthetic", str(synthetic), "--classifier",
-            str(classifier_dir), "--out", str(out), "--inception-feature", "64", "--kid-subsets", "10"]
+            str(classifier_dir), "--out", str(out), "--inception-feature", "64", "--kid-subsets", "10",
+            "--fd-inf-components", "8"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "synthetic images at 64x64" in result.output and "memorisation: 2 of 44 flagged" in result.output
@@ -102,6 +103,10 @@ def test_cli_end_to_end(toy_manifest, clean_toy, classifier_dir, cache, tmp_path
     assert report["prdc_feature_space"] == "domain"
     assert set(report["overall"]["domain"]["prdc"]) >= {"precision", "recall", "density", "coverage"}
     assert report["overall"]["inception"]["kid_mean"] is not None
+    # 44 synthetic images: too few for FD∞ even in 8 directions; the report says how many it needs
+    assert report["overall"]["domain"]["fd_inf"] is None
+    assert "FD∞ in 8 principal directions needs >= 80 images" in report["overall"]["domain"]["fd_inf_note"]
+    assert report["config"]["fd_inf_components"] == 8
     assert set(report["per_class"]) == {"akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"}
     assert report["per_class"]["df"]["n_synthetic"] == 6
     assert 0.0 <= report["class_fidelity"]["synthetic"]["overall"] <= 1.0

@@ -7,7 +7,9 @@ same, reference-tested statistics code without running a network twice.
 
 FID needs a full-rank covariance: more images than feature dimensions in *both* sets. Below that the
 Fréchet distance is dominated by the rank deficiency, so it is not reported; KID (an unbiased MMD
-estimate, valid at any size >= 2) is, and the note says so.
+estimate, valid at any size >= 2) is, and the note says so. Even above it the plain FD is biased upward
+by roughly D^2 / n, so beside it `distribution_distances` reports FD∞, a bias-corrected Fréchet distance
+in the leading principal directions (`lesiongen.metrics.frechet_unbiased`, which explains the method).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lesiongen.errors import InputError
+from lesiongen.metrics.frechet_unbiased import DEFAULT_COMPONENTS, frechet_distance_infinity, min_images
 
 DEFAULT_KID_SUBSETS = 100
 DEFAULT_KID_SUBSET_SIZE = 1000
@@ -99,11 +102,14 @@ def kernel_distance(real: Tensor, fake: Tensor, *, subsets: int = DEFAULT_KID_SU
 
 
 def distribution_distances(real: Tensor, fake: Tensor, *, kid_subsets: int = DEFAULT_KID_SUBSETS,
-                           kid_subset_size: int = DEFAULT_KID_SUBSET_SIZE, seed: int = 0) -> dict:
-    """FID (when the sizes allow it) and KID between two feature sets, with the counts they rest on."""
+                           kid_subset_size: int = DEFAULT_KID_SUBSET_SIZE,
+                           fd_inf_components: int = DEFAULT_COMPONENTS, seed: int = 0) -> dict:
+    """FID (when the sizes allow it), FD∞ (likewise; 0 components skips it) and KID between two feature
+    sets, with the counts they rest on."""
     _check_features(real, fake)
     report: dict = {"n_real": len(real), "n_synthetic": len(fake), "feature_dim": real.shape[1],
-                    "fid": None, "kid_mean": None, "kid_std": None, "kid_subset_size": None, "note": None}
+                    "fid": None, "fd_inf": None, "kid_mean": None, "kid_std": None, "kid_subset_size": None,
+                    "note": None}
     if min(len(real), len(fake)) < 2:
         report["note"] = f"needs >= 2 images per set, got {len(real)} real and {len(fake)} synthetic"
         return report
@@ -111,6 +117,13 @@ def distribution_distances(real: Tensor, fake: Tensor, *, kid_subsets: int = DEF
     if shortfall is None:
         report["fid"] = frechet_distance(real, fake)
     report["note"] = shortfall
+    if fd_inf_components:
+        components = min(fd_inf_components, real.shape[1])
+        if min(len(real), len(fake)) >= min_images(components):
+            report.update(frechet_distance_infinity(real, fake, components=components, seed=seed).as_dict())
+        else:
+            report["fd_inf_note"] = (f"FD∞ in {components} principal directions needs >= {min_images(components)} "
+                                     f"images per set; got {len(real)} real and {len(fake)} synthetic")
     report["kid_mean"], report["kid_std"], report["kid_subset_size"] = kernel_distance(
         real, fake, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
     return report

@@ -7,6 +7,9 @@ resolution and `evaluate_images` measures, overall and per class:
   at the same image count, resolution and Inception weights, so all three are in the report);
 * the same Fréchet / kernel distances in the penultimate feature space of a dermoscopy classifier
   trained by this project (the "domain" distance: ImageNet Inception features judge lesions poorly);
+* in every feature space, FD∞: the Fréchet distance in the leading principal directions extrapolated to
+  infinitely many images, which (unlike the plain FD at n ~ D) is near zero for two samples of the same
+  data (`lesiongen.metrics.frechet_unbiased`);
 * precision / recall / density / coverage (k-NN manifolds) on the domain features (Inception's when
   there is no classifier), so fidelity and diversity are reported apart;
 * class fidelity: the share of synthetic images of class c that the classifier assigns to c, beside the
@@ -34,6 +37,7 @@ from torch import Tensor
 from lesiongen.data.manifest import Manifest
 from lesiongen.errors import InputError
 from lesiongen.metrics.fid import DEFAULT_KID_SUBSET_SIZE, DEFAULT_KID_SUBSETS, distribution_distances
+from lesiongen.metrics.frechet_unbiased import DEFAULT_COMPONENTS
 from lesiongen.metrics.manifold import DEFAULT_K, prdc
 from lesiongen.metrics.memorization import DEFAULT_PHASH_THRESHOLD, MemorizationIndex, MemorizationResult
 from lesiongen.utils.hashing import sha256_file
@@ -51,6 +55,7 @@ class QualityConfig:
     inception_feature: int | None = 2048  # Inception layer for FID/KID (64/192/768/2048); None: skip
     kid_subsets: int = DEFAULT_KID_SUBSETS
     kid_subset_size: int = DEFAULT_KID_SUBSET_SIZE
+    fd_inf_components: int = DEFAULT_COMPONENTS  # principal directions of FD∞; 0: skip it
     prdc_k: int = DEFAULT_K
     max_real: int | None = None  # random subsample (seeded) to bound the cost; None: all
     max_synthetic: int | None = None
@@ -76,6 +81,8 @@ class QualityConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gallery_pairs < 0:
             raise ValueError(f"gallery_pairs must be >= 0, got {self.gallery_pairs}")
+        if self.fd_inf_components < 0:
+            raise ValueError(f"fd_inf_components must be >= 0 (0 skips FD∞), got {self.fd_inf_components}")
         if isinstance(self.feature_threshold, str) and self.feature_threshold != "auto":
             self.feature_threshold = float(self.feature_threshold)
 
@@ -311,8 +318,8 @@ def class_fidelity(probs: Tensor, labels: Tensor, classes: list[str], model_clas
 
 
 def _distances_and_prdc(real: Tensor, fake: Tensor, config: QualityConfig, with_prdc: bool) -> dict:
-    entry = distribution_distances(real, fake, kid_subsets=config.kid_subsets,
-                                   kid_subset_size=config.kid_subset_size, seed=config.seed)
+    entry = distribution_distances(real, fake, kid_subsets=config.kid_subsets, kid_subset_size=config.kid_subset_size,
+                                   fd_inf_components=config.fd_inf_components, seed=config.seed)
     if with_prdc:
         if min(len(real), len(fake)) > config.prdc_k:
             entry["prdc"] = prdc(real, fake, config.prdc_k)
