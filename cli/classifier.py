@@ -17,6 +17,7 @@ DEFAULT_TRAIN_OUT = Path("checkpoints/classifier")
 DEFAULT_EVAL_ROOT = Path("checkpoints/evaluate")
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Split = Literal["train", "val", "test"]
+TTA = Literal["none", "flip", "dihedral"]
 RESUME_MAY_CHANGE = {"cache_dir"}  # where decoded images are cached does not change the run
 
 
@@ -43,6 +44,7 @@ def train_classifier(
     max_synthetic_ratio: Annotated[Optional[float], typer.Option(min=0.0, help="Per class: synthetic rows <= ratio x real training rows.")] = None,
     synthetic_weight: Annotated[Optional[float], typer.Option(min=0.0, help="Loss weight of a synthetic row.")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
+    tta: Annotated[Optional[TTA], typer.Option(help="Test-time augmentation of validation and later evaluations (dihedral: 8 views).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Decoded-image and weight cache (default $LESIONGEN_CACHE or ~/.cache/lesiongen).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint-N folder.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results already in --out.")] = False,
@@ -55,7 +57,7 @@ def train_classifier(
         "arch": arch, "pretrained": pretrained, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum,
         "img_size": img_size, "load_size": load_size, "lr": lr, "mixed_precision": mixed_precision,
         "max_synthetic_ratio": max_synthetic_ratio, "synthetic_weight": synthetic_weight, "seed": seed,
-        "cache_dir": _absolute(cache_dir),
+        "tta": tta, "cache_dir": _absolute(cache_dir),
     }
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
         raise typer.BadParameter(f"'{resume}' is neither 'latest' nor a checkpoint folder", param_hint="--resume")
@@ -100,6 +102,7 @@ def evaluate(
     bootstrap: Annotated[int, typer.Option(min=0, help="Lesion-level bootstrap resamples for the 95% intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    tta: Annotated[Optional[TTA], typer.Option(help="Test-time augmentation instead of the model's own.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Decoded-image cache.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
 ) -> None:
@@ -110,20 +113,20 @@ def evaluate(
     if compare is not None:
         if model is not None:
             raise typer.BadParameter("give either --model or --compare A B, not both", param_hint="--model")
-        _compare(compare, manifest, split, out, settings, batch_size, cache_dir, overwrite)
+        _compare(compare, manifest, split, out, settings, batch_size, cache_dir, overwrite, tta=tta)
         return
     if model is None or manifest is None:
         raise typer.BadParameter("--model and --manifest are required (or --compare A B)",
                                  param_hint="--model" if model is None else "--manifest")
     out = out or DEFAULT_EVAL_ROOT / f"{model.resolve().name}-{split}"
-    report = _evaluate_to(model, manifest, split, out, settings, batch_size, cache_dir, overwrite)
+    report = _evaluate_to(model, manifest, split, out, settings, batch_size, cache_dir, overwrite, tta=tta)
     if report is not None:
         _print_report(report)
         typer.echo(f"-> {out}")
 
 
 def _evaluate_to(model: Path, manifest: Path, split: str, out: Path, settings, batch_size: int,
-                 cache_dir: Path | None, overwrite: bool) -> dict | None:
+                 cache_dir: Path | None, overwrite: bool, *, tta: str | None = None) -> dict | None:
     """Score `model` (sharded over processes under accelerate launch); the main process writes `out`."""
     from accelerate import Accelerator
 
@@ -133,14 +136,14 @@ def _evaluate_to(model: Path, manifest: Path, split: str, out: Path, settings, b
     ensure_writable(out, overwrite, what="evaluation folder")  # fail before the expensive part
     accelerator = Accelerator()
     evaluation = evaluate_model(model, manifest, split, accelerator=accelerator, batch_size=batch_size,
-                                cache_dir=cache_dir)
+                                cache_dir=cache_dir, tta=tta)
     report = write_evaluation(evaluation, out, settings, overwrite=overwrite) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     return report
 
 
 def _compare(pair: tuple[Path, Path], manifest: Path | None, split: str, out: Path | None, settings,
-             batch_size: int, cache_dir: Path | None, overwrite: bool) -> None:
+             batch_size: int, cache_dir: Path | None, overwrite: bool, *, tta: str | None = None) -> None:
     from lesiongen.classifier.evaluate import compare_evaluations, read_evaluation
     from lesiongen.classifier.models import INFO_FILE
     from lesiongen.utils.atomic import ensure_writable, write_json
@@ -152,7 +155,8 @@ def _compare(pair: tuple[Path, Path], manifest: Path | None, split: str, out: Pa
         if (source / INFO_FILE).is_file():  # a classifier: score it first
             if manifest is None:
                 raise typer.BadParameter(f"{source} is a classifier; --manifest is needed to score it", param_hint="--manifest")
-            if _evaluate_to(source, manifest, split, out / label, settings, batch_size, cache_dir, overwrite) is None:
+            if _evaluate_to(source, manifest, split, out / label, settings, batch_size, cache_dir, overwrite,
+                            tta=tta) is None:
                 return  # not the main process
             source = out / label
         evaluations.append(read_evaluation(source))

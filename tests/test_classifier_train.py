@@ -136,7 +136,7 @@ def test_evaluate_writes_the_prediction_contract(trained, toy_manifest, tmp_path
     assert (predictions["correct"] == (predictions["pred"] == predictions["label"])).all()
     meta = json.loads((out / "predictions.meta.json").read_text())
     assert meta == {"manifest": str(toy_manifest), "manifest_sha256": sha256_file(toy_manifest), "split": "test",
-                    "classes": CLASSES, "model": str(trained)}
+                    "classes": CLASSES, "model": str(trained), "tta": "dihedral"}  # the model's own
     report = json.loads((out / "metrics.json").read_text())
     assert report["n_images"] == len(test_rows) and report["n_lesions"] == test_rows["group_id"].nunique()
     assert report["metrics"]["accuracy"] == pytest.approx(predictions["correct"].mean())
@@ -148,6 +148,13 @@ def test_evaluate_writes_the_prediction_contract(trained, toy_manifest, tmp_path
         assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = cli("evaluate", "--model", trained, "--manifest", toy_manifest, "--out", out, expect=2)
     assert "already exists" in again.output
+
+    single_view = tmp_path / "eval-no-tta"
+    cli("evaluate", "--model", trained, "--manifest", toy_manifest, "--split", "test", "--out", single_view,
+        "--bootstrap", "0", "--tta", "none")
+    assert json.loads((single_view / "predictions.meta.json").read_text())["tta"] == "none"
+    one_view = pd.read_csv(single_view / "predictions.csv")[[f"prob_{c}" for c in CLASSES]].to_numpy()
+    assert not np.allclose(one_view, probs, atol=1e-4)  # 1 view, not the average of 8
 
 
 def test_resume_from_a_mid_epoch_checkpoint_reproduces_the_uninterrupted_run(env, toy_manifest, recipe, tmp_path):

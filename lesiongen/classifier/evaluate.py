@@ -129,9 +129,15 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike, bootstr
 
 
 def evaluate_model(model_dir: str | os.PathLike, manifest_path: str | os.PathLike, split: str, *,
-                   accelerator=None, batch_size: int = 256, cache_dir: str | os.PathLike | None = None) -> Evaluation:
-    """Score a trained classifier on the real images of a manifest split (sharded under `accelerate launch`)."""
+                   accelerator=None, batch_size: int = 256, cache_dir: str | os.PathLike | None = None,
+                   tta: str | None = None) -> Evaluation:
+    """Score a trained classifier on the real images of a manifest split (sharded under `accelerate launch`);
+    `tta` replaces the model's own test-time augmentation (none | flip | dihedral)."""
+    from dataclasses import replace
+
     from accelerate import Accelerator
+
+    from lesiongen.classifier.config import TTA_MODES
 
     from lesiongen.classifier.data import decode, real_split
     from lesiongen.classifier.models import load_classifier
@@ -140,7 +146,10 @@ def evaluate_model(model_dir: str | os.PathLike, manifest_path: str | os.PathLik
     from lesiongen.data.manifest import load_manifest
 
     accelerator = accelerator or Accelerator()
+    if tta is not None and tta not in TTA_MODES:
+        raise InputError(f"--tta must be one of {list(TTA_MODES)}, got {tta!r}")
     model, info = load_classifier(model_dir, device=accelerator.device)
+    info = replace(info, tta=tta) if tta is not None else info
     # Labels are read against the model's classes: a label the model does not know is an error naming the row.
     manifest = load_manifest(manifest_path, classes=list(info.classes))
     rows = real_split(manifest, split)
@@ -149,7 +158,7 @@ def evaluate_model(model_dir: str | os.PathLike, manifest_path: str | os.PathLik
         data = decode(rows.image_paths(), rows.label_indices(), info.decode_size, cache_dir=cache)
     probs = predict_distributed(accelerator, model, info, data.images, batch_size=batch_size)
     return Evaluation(rows.df, probs, data.labels, list(info.classes),
-                      evaluation_meta(manifest_path, split, info.classes, str(model_dir)))
+                      {**evaluation_meta(manifest_path, split, info.classes, str(model_dir)), "tta": info.tta})
 
 
 def read_evaluation(folder: str | os.PathLike) -> Evaluation:
