@@ -140,3 +140,19 @@ def test_report_of_a_test_mining_run_leads_with_the_leakage_warning(tiny_loop_ru
     first_block = markdown.split("\n\n")[1]
     assert first_block.startswith("> **WARNING:** LEAKAGE") and "TEST split" in first_block
     assert "WARNING: LEAKAGE" in (run_dir / "report.html").read_text(encoding="utf-8")
+
+
+def test_quality_table_shows_each_distance_from_quality_json():
+    """Values come from the stage's quality.json as written; a missing one reads n/a."""
+    from lesiongen.report.build import _quality_table
+    from lesiongen.report.tables import Results
+
+    quality = {"overall": {"domain": {"fid": 12.5, "fd_inf": 0.49, "kid_mean": 0.00037,
+                                      "prdc": {"precision": 0.8, "recall": 0.81, "density": 0.96, "coverage": 0.97}}},
+               "class_fidelity": {"synthetic": {"overall": 0.7}, "real_reference": {"overall": 0.75}},
+               "memorization": {"n_flagged": 2}, "images": {"synthetic": {"n_images": 1300}}}
+    table = _quality_table(Results({"models": [{"arm": "mined", "round": 1, "seed": 0, "quality": quality}]}))
+    row = dict(zip(table.header, table.rows[0]))
+    assert row["FD (domain)"] == "12.50" and row["FD∞ (domain)"] == "0.49" and row["KID (domain)"] == "0.0004"
+    assert row["FID (Inception)"] == "n/a" and row["class fidelity"] == "0.70 / 0.75"
+    assert row["precision / recall / density / coverage"] == "0.80 / 0.81 / 0.96 / 0.97"

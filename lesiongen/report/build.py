@@ -158,6 +158,8 @@ def _pictures(layout: RunLayout, config: LoopConfig, real) -> list:
 
 def _quality_table(results: tables.Results) -> Table | None:
     """One row per synthetic set: distances, manifold estimates, class fidelity, memorisation flags."""
+    from lesiongen.metrics.frechet_unbiased import min_images
+
     fmt = tables.fmt
     rows, notes = [], []
     for model in results.summary["models"]:
@@ -170,7 +172,8 @@ def _quality_table(results: tables.Results) -> Table | None:
         memorization = quality.get("memorization") or {}
         rows.append([model["arm"], str(model["round"]), str(model["seed"]),
                      str(quality.get("images", {}).get("synthetic", {}).get("n_images", "n/a")),
-                     fmt(inception.get("fid"), 2), fmt(domain.get("fid"), 2), fmt(domain.get("kid_mean"), 4),
+                     fmt(inception.get("fid"), 2), fmt(domain.get("fid"), 2), fmt(domain.get("fd_inf"), 2),
+                     fmt(domain.get("kid_mean"), 4),
                      " / ".join(fmt(prdc.get(k), 2) for k in ("precision", "recall", "density", "coverage")),
                      f"{fmt((fidelity.get('synthetic') or {}).get('overall'), 2)} / "
                      f"{fmt((fidelity.get('real_reference') or {}).get('overall'), 2)}",
@@ -180,10 +183,12 @@ def _quality_table(results: tables.Results) -> Table | None:
         return None
     caption = ("Synthetic images added in each round against the real training images. FID: standard "
                "Inception features (comparable only at equal image count and resolution); domain: the same "
-               "seed's real-only classifier's features. Class fidelity: share the real-only classifier assigns "
+               "seed's real-only classifier's features; FD∞: the domain Fréchet distance corrected for its "
+               f"small-sample bias (near 0 for two samples of the same data; needs >= {min_images()} images per "
+               "set at the default 64 directions). Class fidelity: share the real-only classifier assigns "
                "to the intended class, synthetic / real reference. Details: quality/quality.json.")
     if notes:
         caption += " Notes: " + " ".join(notes[:3])
-    return Table(["arm", "round", "seed", "images", "FID (Inception)", "FD (domain)", "KID (domain)",
+    return Table(["arm", "round", "seed", "images", "FID (Inception)", "FD (domain)", "FD∞ (domain)", "KID (domain)",
                   "precision / recall / density / coverage", "class fidelity", "near-copies flagged"], rows,
                  caption=caption)
