@@ -94,7 +94,7 @@ def demo(
     overwrite: Annotated[bool, typer.Option(help="Start the demo again from scratch.")] = False,
 ) -> None:
     """The whole procedure on CPU in minutes: toy data -> the project's tiny in-house base -> adapt ->
-    a round of mine/invert/vary/filter/retrain beside the baselines -> report. A demonstration of the
+    2 rounds of mine/invert/vary/filter/retrain beside the baselines -> report. A demonstration of the
     pipeline, not a result about dermoscopy."""
     from lesiongen.loop.demo import run_demo
 
