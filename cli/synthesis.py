@@ -140,7 +140,7 @@ def mine(
 def mine_and_generate(
     predictions: Annotated[Optional[Path], typer.Option(help="predictions.csv written by `lesiongen evaluate` on the mining split.")] = None,
     manifest: Annotated[Optional[Path], typer.Option(help="The manifest those predictions were made on (checked by hash).")] = None,
-    base: Annotated[Optional[str], typer.Option(help="SD base: diffusers folder, single .safetensors, or hub id.")] = None,
+    base: Annotated[Optional[str], typer.Option(help="SD base: diffusers folder, single .safetensors, or hub id (default: the adapter's base).")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="`finetune` output folder (LoRA + class tokens).")] = None,
     classifier: Annotated[Optional[Path], typer.Option(help="The classifier being improved: classifier guidance, and the filter's judge unless --reference-classifier.")] = None,
     reference_classifier: Annotated[Optional[Path], typer.Option(help="Judge for the off-class filter and the memorisation features (default: --classifier).")] = None,

@@ -194,6 +194,12 @@ def test_bad_input(made, toy_manifest, tiny_pipeline_dir, tmp_path):
                  tiny_pipeline_dir, "--out", out, expect=2)
     assert "Error: no hard cases" in result.output and "0 misclassified" in result.output
     assert not out.exists()
+    # without --base, the adapter's own base is used (the same check then fails on the mining result)
+    result = cli("mine-and-generate", "--predictions", empty, "--manifest", toy_manifest, "--adapter",
+                 made / "adapter", "--out", out, expect=2)
+    assert "Error: no hard cases" in result.output
+    result = cli("mine-and-generate", "--predictions", empty, "--manifest", toy_manifest, "--out", out, expect=2)
+    assert "--base is required (or --adapter" in result.output
 
 
 def test_two_processes_make_the_same_images_as_one(made, toy_manifest, tiny_pipeline_dir, tmp_path):

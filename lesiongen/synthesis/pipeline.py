@@ -60,9 +60,15 @@ class SynthesisConfig:
     filters: FilterConfig = field(default_factory=FilterConfig)
 
     def __post_init__(self) -> None:
-        for name in ("predictions", "manifest", "base"):
+        if not self.base and self.adapter:  # as `generate`: the base the adapter was fine-tuned from
+            from lesiongen.diffusion.adapters import AdapterInfo
+
+            self.base = AdapterInfo.load(self.adapter).base
+        for name in ("predictions", "manifest"):
             if not getattr(self, name):
                 raise ValueError(f"--{name} is required")
+        if not self.base:
+            raise ValueError("--base is required (or --adapter, whose adapter.json names its base)")
         if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be one of {['auto', *DTYPES]}, got '{self.dtype}'")
         if self.batch_size < 1:
