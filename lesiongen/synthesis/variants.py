@@ -137,14 +137,21 @@ class ClassifierGuidance:
     """A noise correction that lowers the classifier's p(label) on the decoded x0 estimate.
 
     Gradients go through the VAE decoder and the classifier but not the UNet (the noise prediction is
-    held fixed, as in universal guidance), which keeps a guided step affordable at 512 px.
+    held fixed, as in universal guidance), which keeps a guided step affordable at 512 px. The shift is
+    defined on the noise estimate; a v-prediction output is converted there and back
+    (eps = a v + s z, v = (eps - s z) / a with a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar)), so both
+    kinds of base are guided alike.
     """
+
+    MIN_SIGNAL = 1e-3  # sqrt(alpha_bar) below this (zero terminal SNR): the x0 estimate holds no image yet
 
     def __init__(self, vae, classifier, info, schedule: DDIMSchedule, labels: torch.Tensor, *, scale: float,
                  target_prob: float) -> None:
-        if schedule.sampler.config.prediction_type != "epsilon":
-            raise InputError(f"--classifier-guidance works with epsilon-prediction bases only; this base predicts "
-                             f"'{schedule.sampler.config.prediction_type}'")
+        prediction_type = schedule.sampler.config.prediction_type
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise InputError(f"--classifier-guidance works with epsilon- or v-prediction bases; this base predicts "
+                             f"'{prediction_type}'")
+        self.v_prediction = prediction_type == "v_prediction"
         self.vae, self.classifier, self.info = vae, classifier, info
         self.schedule, self.labels = schedule, labels
         self.scale, self.log_target = scale, float(torch.tensor(target_prob).log())
@@ -161,14 +168,20 @@ class ClassifierGuidance:
 
     def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, step: int, output: torch.Tensor) -> torch.Tensor:
         alpha_bar = self.schedule.alphas_cumprod[timestep].float()
+        signal, noise_level = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        if signal < self.MIN_SIGNAL:
+            return output
+        prediction = output.detach().float()
+        noise = signal * prediction + noise_level * latents.float() if self.v_prediction else prediction
         with torch.enable_grad():
             z = latents.detach().float().requires_grad_(True)
-            x0 = (z - (1 - alpha_bar).sqrt() * output.detach().float()) / alpha_bar.sqrt()
+            x0 = (z - noise_level * noise) / signal
             log_p = self.log_p_label(decode(self.vae, x0.to(latents.dtype)))
             # Only images still above the target are pushed; the rest keep their plain prediction.
             objective = (log_p - self.log_target).clamp(min=0).sum()
             (grad,) = torch.autograd.grad(objective, z)
-        return output + (self.scale * (1 - alpha_bar).sqrt() * grad).to(output.dtype)
+        shift = self.scale * noise_level * grad  # on the noise estimate
+        return output + (shift / signal if self.v_prediction else shift).to(output.dtype)
 
 
 def sample_variants(unet, vae, schedule: DDIMSchedule, inversion: Inversion, config: VariantConfig, *,
