@@ -118,7 +118,7 @@ def test_fast_renderer_matches_the_plain_pipeline(finetuned_adapter_dir, tiny_pi
                                               set_scheduler)
 
     prompts = load_prompts("ham10000")
-    requests = class_requests(prompts, ["mel", "nv"], 1, seed=5)
+    requests = class_requests(prompts, {"mel": 1, "nv": 1}, seed=5)
     plain = load_adapted_pipeline(tiny_pipeline_dir, finetuned_adapter_dir)
     plain.set_progress_bar_config(disable=True)
     set_scheduler(plain, "ddim")

@@ -130,10 +130,9 @@ class Renderer:
         return (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
-def class_requests(prompts: PromptSet, classes: list[str] | dict[str, int], n: int, seed: int) -> list[ImageRequest]:
-    """`n` images of each class (or `classes[c]` of class c) from its plain class prompt; image i of a
-    class has seed `seed + i`, so a larger count only adds images."""
-    counts = classes if isinstance(classes, dict) else dict.fromkeys(classes, n)
+def class_requests(prompts: PromptSet, counts: dict[str, int], seed: int) -> list[ImageRequest]:
+    """`counts[c]` images of each class c from its plain class prompt; image i of a class has seed
+    `seed + i`, so a larger count only adds images."""
     return [ImageRequest(c, prompts.class_prompt(c), seed + i, f"images/{c}/{c}-{i:05d}.png")
             for c, count in counts.items() for i in range(count)]
 
@@ -309,7 +308,7 @@ class LoadedGenerator:
         """`counts[c]` images of each class c into `out` (resumable); returns its manifest path."""
         for label in counts:
             self.prompt_set.get(label)
-        return self._fill(class_requests(self.prompt_set, counts, 0, seed), seed, out, overwrite, progress)
+        return self._fill(class_requests(self.prompt_set, counts, seed), seed, out, overwrite, progress)
 
     def prompt_folder(self, prompt: str, label: str | None, n: int, seed: int, out: str | os.PathLike, *,
                       overwrite: bool = False, progress: bool = True) -> Path:

@@ -28,7 +28,7 @@ def render_validation_grid(pipe, prompts: PromptSet, *, images_per_class: int, s
     try:
         settings = GenerationSettings(steps=steps, guidance=guidance, scheduler="ddim", batch_size=batch_size)
         renderer = Renderer(pipe, settings, prompts.negative_prompt, resolution)
-        requests = class_requests(prompts, prompts.class_names, images_per_class, seed)
+        requests = class_requests(prompts, dict.fromkeys(prompts.class_names, images_per_class), seed)
         images = torch.cat([renderer(requests[i:i + batch_size]) for i in range(0, len(requests), batch_size)])
     finally:
         pipe.scheduler = scheduler
