@@ -124,6 +124,23 @@ def test_shipped_prompt_files_validate():
     assert len(load_prompts("isic2019").classes) == 8
 
 
+def test_shipped_prompts_load_from_a_source_tree(monkeypatch):
+    """Run from a checkout on PYTHONPATH (no install, so no `lesiongen.prompts` mapping), the checkout's
+    prompts/ folder serves the same files."""
+    from lesiongen.data import prompts as prompts_module
+
+    def not_installed(package):
+        raise ModuleNotFoundError(f"No module named '{package}'")
+
+    installed = load_prompts("ham10000")
+    monkeypatch.setattr(prompts_module.resources, "files", not_installed)
+    assert prompts_module._shipped_prompt_folder() == Path(prompts_module.__file__).parents[2] / "prompts"
+    from_checkout = load_prompts("ham10000")
+    assert from_checkout.classes == installed.classes and from_checkout.templates == installed.templates
+    with pytest.raises(InputError, match="isic2019"):
+        load_prompts("no-such-dataset")
+
+
 def test_prompt_file_errors_name_the_class(tmp_path):
     bad = tmp_path / "p.yaml"
     bad.write_text("classes:\n  mel: {name: melanoma, token: 'MEL', init_words: [melanoma]}\n")

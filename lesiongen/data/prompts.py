@@ -75,9 +75,18 @@ def _fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 
 
+def _shipped_prompt_folder():
+    """`lesiongen.prompts` once installed (pyproject maps the top-level `prompts/` there); the
+    checkout's `prompts/` when the package runs from a source tree on PYTHONPATH, as on a bare GPU box."""
+    try:
+        return resources.files("lesiongen.prompts")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "prompts"
+
+
 def builtin_prompt_file(dataset: str) -> Path:
     """The shipped prompt file for a dataset name (ham10000, isic2019)."""
-    base = resources.files("lesiongen.prompts")
+    base = _shipped_prompt_folder()
     candidate = base / f"{dataset}.yaml"
     if not candidate.is_file():
         shipped = sorted(p.name.removesuffix(".yaml") for p in base.iterdir() if p.name.endswith(".yaml"))
