@@ -297,3 +297,26 @@ def test_training_learns_an_easy_problem(env, recipe, tmp_path):
     history = pd.read_csv(out / "history.csv")
     assert history["val_balanced_accuracy"].max() >= 0.7  # chance is 1/7
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists only on a GPU")
+def test_a_training_step_never_waits_for_the_gpu(env, toy_manifest, tmp_path):
+    """A step that blocks on the GPU (a synchronous copy, a `.item()`) stops the CPU from queueing the
+    next step's kernels; the data pipeline then falls behind synthetic inputs (bench/classifier_throughput.py)."""
+    import itertools
+
+    from lesiongen.classifier.config import TrainConfig
+    from lesiongen.classifier.train import ClassifierTrainer
+
+    config = TrainConfig(manifest=str(toy_manifest), arch="test_efficientnet", pretrained="none", img_size=32,
+                         load_size=32, batch_size=8, epochs=1, augment={"hue": 0.05})
+    trainer = ClassifierTrainer(config, tmp_path / "run")
+    trainer.setup()
+    batches = iter(trainer.train_loader)
+    trainer.train_step(next(batches))  # first step: cuDNN autotuning may synchronise
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for index in itertools.islice(batches, 3):
+            trainer.train_step(index)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

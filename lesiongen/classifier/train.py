@@ -63,6 +63,7 @@ HISTORY_FILE = "history.csv"
 EVAL_DIR = "eval-val"
 # What a previous run left in an output folder; --overwrite removes exactly these.
 RUN_OUTPUTS = (MODEL_FILE, INFO_FILE, CONFIG_FILE, HISTORY_FILE, EVAL_DIR)
+LOSS_DISPLAY_EVERY = 20  # steps between loss read-outs on the progress bar
 
 
 @dataclass
@@ -190,8 +191,11 @@ class ClassifierTrainer:
         full_batches = len(sampler) >= cfg.batch_size * acc.num_processes
         loader = DataLoader(IndexDataset(len(sampler)), batch_size=cfg.batch_size, sampler=sampler,
                             drop_last=full_batches,  # a batch of one breaks batch norm
+                            pin_memory=acc.device.type == "cuda",
                             generator=torch.Generator().manual_seed(cfg.seed))  # never touch the global RNG
-        self.train_loader = acc.prepare_data_loader(loader)
+        # `training_batch` moves the positions itself, without blocking: accelerate's placement copies
+        # them synchronously, which would drain the GPU's queue once per step.
+        self.train_loader = acc.prepare_data_loader(loader, device_placement=False)
         self.val_loader = evaluation_loader(acc, len(self.val_data), cfg.eval_batch_size)
         optimizer = self._optimizer(model)
         steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum)
@@ -213,7 +217,7 @@ class ClassifierTrainer:
 
     def training_batch(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         data, cfg = self.train_data, self.config
-        index = index.to(data.images.device)
+        index = index.to(data.images.device, non_blocking=True)
         images = to_unit_float(data.images[index])
         if cfg.color_constancy:
             images = shades_of_gray(images, cfg.color_constancy)
@@ -311,7 +315,8 @@ class ClassifierTrainer:
             self.scheduler.step()
             state.global_step += 1
             progress.update(1)
-            progress.set_postfix(loss=f"{float(loss_sum) / state.batches_done:.4f}", refresh=False)
+            if state.global_step % LOSS_DISPLAY_EVERY == 0:  # reading the loss waits for the GPU
+                progress.set_postfix(loss=f"{float(loss_sum) / state.batches_done:.4f}", refresh=False)
             mid_epoch = state.batches_done < len(self.train_loader)
             if mid_epoch and cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0:
                 state.epoch_loss_sum = float(loss_sum)
