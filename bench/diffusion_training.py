@@ -155,10 +155,11 @@ def main() -> None:
         sys.exit("needs a CUDA GPU (use --smoke for a CPU check of the script)")
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
-        base = save_base("tiny" if args.smoke else "sd15", work / "base")
+        preset = "tiny" if args.smoke else "sd15"
+        base = save_base(preset, work / f"base-{preset}")  # the folder name bench/generation.py reuses
         manifest = synthetic_manifest(work / "data", args.images)
         bs, res = args.batch_size, args.resolution
-        print(f"{describe_machine()}; base {'tiny' if args.smoke else 'sd15'} (random weights), {res} px, "
+        print(f"{describe_machine()}; base {preset} (random weights), {res} px, "
               f"batch {bs}, {weight_dtype()}, {args.steps} timed steps after {args.warmup} warm-up steps")
         rows = [
             measure("script-like LoRA", lambda: script_like_step(base, bs, res, token=None), args),
