@@ -66,7 +66,7 @@ def build_trainer(args: argparse.Namespace, workdir: Path):
     config = TrainConfig(manifest=str(manifest), arch=args.arch, pretrained="none", img_size=args.img_size,
                          load_size=args.load_size, batch_size=args.batch_size, epochs=1000,
                          color_constancy=args.color_constancy, compile=args.compile,
-                         cache_dir=str(workdir / "cache"), eval_batch_size=args.batch_size)
+                         eval_batch_size=args.batch_size)  # the shared decode cache: a training run fills it
     trainer = ClassifierTrainer(config, workdir / "run")
     trainer.setup()
     return trainer, data
