@@ -299,6 +299,7 @@ def test_training_learns_an_easy_problem(env, recipe, tmp_path):
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists only on a GPU")
 def test_a_training_step_never_waits_for_the_gpu(env, toy_manifest, tmp_path):
     """A step that blocks on the GPU (a synchronous copy, a `.item()`) stops the CPU from queueing the
