@@ -9,7 +9,8 @@
 #   speed       carry [".whl"]                           SD-1.5-shape benches: LoRA training (~200 s, of it
 #                                                        142 s compiling), generation (~40 s at batch 8),
 #                                                        inversion + variants (~50 s at batch 8)
-#   classifier  carry [".devcache"]                      derm-dev recipe (~150 s on an H200) + throughput (~60 s)
+#   classifier  carry [".devcache"]                      derm-dev recipe (~150 s on an H200), throughput (~60 s),
+#                                                        the `-m gpu` tests of the classifier
 #   finetune    carry [".whl", ".devcache/derm-dev.zip"] LoRA+TI finetune of the demo base on derm-dev + its grid
 #
 # derm-dev travels as one stored zip: the tool counts its 12,753 small files at about 59 MiB, the zip is
@@ -80,6 +81,7 @@ classifier)
     step 200 classifier_quality python3 bench/classifier_quality.py --data .dd/derm-dev --only recipe --out $work/cq
     cp $work/cq/derm-dev/recipe/eval-test/metrics.json "$out/classifier_metrics.json"
     step 60 classifier_throughput python3 bench/classifier_throughput.py --data .dd/derm-dev --load-size 128
+    step 60 gpu_tests python3 -m pytest -q -m gpu tests/test_classifier_train.py
     ;;
 finetune)
     install_wheels && unpack_derm_dev || exit 1
