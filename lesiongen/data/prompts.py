@@ -8,6 +8,7 @@ import re
 import string
 from dataclasses import dataclass, field
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import yaml
@@ -75,7 +76,7 @@ def _fields(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 
 
-def _shipped_prompt_folder():
+def _shipped_prompt_folder() -> Traversable:
     """`lesiongen.prompts` once installed (pyproject maps the top-level `prompts/` there); the
     checkout's `prompts/` when the package runs from a source tree on PYTHONPATH, as on a bare GPU box."""
     try:
