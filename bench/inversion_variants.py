@@ -121,7 +121,8 @@ class Ours:
         self.variant_config = VariantConfig(per_image=args.variants, strength=args.strength, guidance=args.guidance)
 
     @torch.no_grad()
-    def invert(self, images: torch.Tensor, prompts: list[str], sampling_guidance: float = 1.0):
+    def invert(self, images: torch.Tensor, prompts: list[str], sampling_guidance: float = 1.0,
+               depth: int | None = None):
         from lesiongen.synthesis.inversion import invert
         from lesiongen.synthesis.latents import encode, to_model_pixels
 
@@ -129,14 +130,15 @@ class Ours:
         latents = encode(self.pipe.vae, pixels)
         cond, uncond = self.cache(prompts), self.cache([""] * len(prompts))
         return invert(self.pipe.unet, self.schedule, latents, cond, uncond, self.inversion_config,
-                      sampling_guidance=sampling_guidance)
+                      sampling_guidance=sampling_guidance, depth=depth)
 
     @torch.no_grad()
     def variants(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         from lesiongen.synthesis.inversion import measure_round_trip
         from lesiongen.synthesis.variants import sample_variants, variant_seed
 
-        inversion = self.invert(images, prompts, self.args.guidance)
+        # as mine-and-generate does: invert only up to where the variants start
+        inversion = self.invert(images, prompts, self.args.guidance, self.schedule.level_for_strength(self.args.strength))
         measure_round_trip(self.pipe.unet, self.pipe.vae, self.schedule, inversion, images)
         seeds = [variant_seed(0, f"image-{i}", k) for i in range(len(images)) for k in range(self.args.variants)]
         return sample_variants(self.pipe.unet, self.pipe.vae, self.schedule, inversion, self.variant_config, seeds=seeds)

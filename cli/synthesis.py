@@ -13,6 +13,7 @@ import typer
 Method = Literal["img2img", "embedding"]
 Split = Literal["train", "val", "test"]
 DType = Literal["auto", "fp32", "fp16", "bf16"]
+Depth = Literal["strength", "full"]
 DEFAULT_OUT = Path("checkpoints/mine-and-generate")
 DEFAULT_MINE_OUT = Path("checkpoints/mine")
 
@@ -154,6 +155,7 @@ def mine_and_generate(
     embedding_steps: Annotated[Optional[int], typer.Option(min=1, help="Optimisation steps of the per-image embedding (default: 25).")] = None,
     inversion_steps: Annotated[Optional[int], typer.Option(help="DDIM steps for inversion and sampling (default: 50).")] = None,
     inversion_guidance: Annotated[Optional[float], typer.Option(help="CFG while inverting (default: 1).")] = None,
+    inversion_depth: Annotated[Optional[Depth], typer.Option(help="strength: invert only as far as the variants start, and measure the round trip from there; full: to pure noise (default: strength).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="CFG while sampling variants (and the round trip when null-text is on) (default: 5).")] = None,
     fixed_point_iterations: Annotated[Optional[int], typer.Option(min=0, help="Refinements per inversion step (default: 0).")] = None,
     null_text_steps: Annotated[Optional[int], typer.Option(min=0, help="Null-text optimisation iterations per step; 0 = off.")] = None,
@@ -194,7 +196,7 @@ def mine_and_generate(
         "allow_pickle": allow_pickle or None, "cache_dir": _absolute(cache_dir),
         "mining": mining_overrides(split, per_class_quota, max_per_lesion, max_cases, margin_threshold, confusion,
                                    allow_test_mining),
-        "inversion": {"steps": inversion_steps, "guidance": inversion_guidance,
+        "inversion": {"steps": inversion_steps, "guidance": inversion_guidance, "depth": inversion_depth,
                       "fixed_point_iterations": fixed_point_iterations, "null_text_steps": null_text_steps},
         "variants": {"method": method, "per_image": variants_per_image, "strength": strength, "renoise": renoise,
                      "guidance": guidance, "embedding_lambda": lambda_, "embedding_steps": embedding_steps,

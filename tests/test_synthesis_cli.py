@@ -93,6 +93,8 @@ def test_mine_invert_vary_filter_traces_every_row_back(made, toy_manifest, tiny_
     assert len(candidates) == 4 and summary["variants"] == 4 and summary["kept"] == len(synthetic) > 0
     assert synthetic.classes == load_manifest(toy_manifest).classes
     assert summary["adapter_hash"] and summary["label_filter"].startswith("on") and summary["memorization_filter"] == "on"
+    # inverted only as far as strength 0.4 of 50 steps reaches, and the round trip measured from there
+    assert summary["inversion_depth"] == 20 and (synthetic.df["inversion_depth"].astype(int) == 20).all()
     mined = hard.set_index("image")
     for row in synthetic.df.itertuples():
         assert row.source_image in mined.index  # a mined image ...
@@ -148,8 +150,9 @@ def test_failed_reconstructions_make_no_variants(made, toy_manifest, tiny_pipeli
     # plain DDIM inversion on the random tiny base is far off (see test_synthesis_inversion): all fail 20 dB
     out = tmp_path / "failed"
     result = cli(*common(made, toy_manifest, tiny_pipeline_dir, out), "--max-cases", "2", "--inversion-steps", "10",
-                 "--no-memorization-filter")
+                 "--inversion-depth", "full", "--no-memorization-filter")
     assert "2 failed" in result.output
+    assert json.loads((out / "summary.json").read_text())["inversion_depth"] == 10  # round trip from pure noise
     hard = pd.read_csv(out / "hard_cases.csv")
     assert hard["verdict"].str.startswith("failed-reconstruction").all() and (hard["kept_variants"] == 0).all()
     assert len(pd.read_csv(out / "manifest.csv")) == 0 and not (out / "images").exists()

@@ -166,6 +166,62 @@ def test_null_text_pulls_guided_sampling_onto_the_trajectory(pipe, batch):
                            tolerance=0.0)
 
 
+class CountingUNet(torch.nn.Module):
+    """The UNet, counting its calls."""
+
+    def __init__(self, unet) -> None:
+        super().__init__()
+        self.unet, self.calls = unet, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.unet(*args, **kwargs)
+
+
+def test_inverting_to_the_variants_start_is_the_full_trajectory_cut_short(pipe, batch, refined):
+    """Variants start at level m, so inverting m of n steps is enough: the same levels as a full inversion
+    up to m, a round trip from level m, and the variants unchanged, for 2m instead of 2n UNet calls."""
+    images, latents, cond, uncond = batch
+    schedule, full = refined
+    config = InversionConfig(steps=50, guidance=1.0, fixed_point_iterations=10, fixed_point_tolerance=1e-6)
+    counting = CountingUNet(pipe.unet)
+    short = invert(counting, schedule, latents, cond, uncond, config, sampling_guidance=1.0, depth=30)
+    assert short.depth == 30 and len(short.levels) == 31
+    for level in (0, 1, 15, 30):
+        assert torch.equal(short.levels[level], full.levels[level]), level
+    inversion_calls = counting.calls
+    round_trip = measure_round_trip(counting, pipe.vae, schedule, short, images)
+    assert counting.calls - inversion_calls == 30  # sampling steps 20..49 only
+    assert (round_trip.latent_error < LATENT_TOLERANCE).all(), round_trip.latent_error
+
+    variants = VariantConfig(per_image=2, strength=0.6, renoise=0.5, guidance=1.0)
+    seeds = [variant_seed(0, image, k) for image in ("a.png", "b.png") for k in range(2)]
+    assert torch.equal(sample_variants(pipe.unet, pipe.vae, schedule, short, variants, seeds=seeds),
+                       sample_variants(pipe.unet, pipe.vae, schedule, full, variants, seeds=seeds))
+    with pytest.raises(ValueError, match="above the inversion's depth 30"):
+        sample_variants(pipe.unet, pipe.vae, schedule, short, VariantConfig(per_image=2, strength=0.8), seeds=seeds)
+    with pytest.raises(ValueError, match=r"depth must be in \[1, 50\]"):
+        invert(pipe.unet, schedule, latents, cond, uncond, config, sampling_guidance=1.0, depth=51)
+    with pytest.raises(ValueError, match="inversion depth must be one of"):
+        InversionConfig(depth="half")
+
+
+def test_null_text_on_a_short_trajectory_fits_only_the_steps_below_it(pipe, batch):
+    images, latents, cond, uncond = batch
+    schedule = DDIMSchedule(pipe.scheduler.config, 6)
+    config = InversionConfig(steps=6, null_text_steps=10, null_text_lr=0.1)
+    inversion = invert(pipe.unet, schedule, latents, cond, uncond, config, sampling_guidance=3.0, depth=3)
+    per_step = inversion.sampling.uncond
+    assert per_step.shape == (6, *uncond.shape)  # indexed by sampling step, as every sampler counts
+    for step in range(3):  # never sampled from level 3: the starting embedding, untouched
+        assert torch.equal(per_step[step], uncond)
+    assert not torch.equal(per_step[3], uncond)
+    with_null_text = measure_round_trip(pipe.unet, pipe.vae, schedule, inversion, images).latent_error
+    plain = ddim_sample(pipe.unet, schedule, inversion.inverted, Conditioning(cond, uncond, 3.0), start_step=3)
+    without = (plain - latents).flatten(1).norm(dim=1) / latents.flatten(1).norm(dim=1)
+    assert (with_null_text < without).all(), (with_null_text, without)
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_classifier_guidance_lowers_the_label_probability(pipe, batch, prediction_type):
     from lesiongen.classifier.models import ClassifierInfo, create_classifier

@@ -12,6 +12,11 @@ Trajectory indexing, used everywhere in `lesiongen.synthesis`: `levels[0]` is th
 one. Sampling step `i` (0 = noisiest) maps `levels[n - i]` to `levels[n - i - 1]`, so sampling from strength
 s starts at step `n - m` with `levels[m]`, `m = int(n * s)`, exactly as diffusers' img2img counts.
 
+Depth: variants only ever start from `levels[m]`, so the pipeline inverts only that far (as diffusers'
+DiffEdit does with its `inpaint_strength`) and measures the round trip from there: m of n inversion steps
+and m sampling steps instead of n each. `depth: full` inverts to the last timestep and measures the
+stricter round trip from pure noise.
+
 Null-text inversion (Mokady et al., 2023) is optional: after inverting with guidance 1, the unconditional
 embedding is optimised step by step so that guided sampling retraces the inversion trajectory; the
 per-step embeddings are then reused by every variant of the image.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
@@ -31,11 +37,14 @@ from lesiongen.synthesis.latents import decode_to_uint8, psnr, ssim
 # Called after the model output of a sampling step, before the scheduler step; returns a corrected output
 # (classifier guidance hooks in here).
 NoiseCorrection = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], torch.Tensor]
+DEPTHS = ("strength", "full")
+Depth = Literal["strength", "full"]
 
 
 @dataclass
 class InversionConfig:
     steps: int = 50
+    depth: Depth = "strength"  # strength: only as far as the variants start (m = int(steps * strength)); full
     guidance: float = 1.0  # CFG while inverting; 1 (conditional only) inverts most faithfully
     fixed_point_iterations: int = 0  # per inversion step; makes inversion the exact inverse of sampling
     fixed_point_tolerance: float = 1e-5  # stop refining a step once its latent moves less than this (relative)
@@ -46,6 +55,8 @@ class InversionConfig:
     def __post_init__(self) -> None:
         if not 2 <= self.steps <= 1000:
             raise ValueError(f"inversion steps must be in [2, 1000], got {self.steps}")
+        if self.depth not in DEPTHS:
+            raise ValueError(f"inversion depth must be one of {list(DEPTHS)}, got '{self.depth}'")
         if self.guidance < 1.0:
             raise ValueError(f"inversion guidance must be >= 1, got {self.guidance}")
         if self.fixed_point_iterations < 0 or self.fixed_point_tolerance < 0:
@@ -115,16 +126,20 @@ def _unet_step(unet, scheduler, latents: torch.Tensor, timestep: torch.Tensor, c
 
 @torch.no_grad()
 def ddim_invert(unet, schedule: DDIMSchedule, latents: torch.Tensor, conditioning: Conditioning, *,
-                fixed_point_iterations: int = 0, fixed_point_tolerance: float = 1e-5) -> list[torch.Tensor]:
-    """Clean latents -> the whole trajectory [levels 0..n] (n + 1 tensors).
+                fixed_point_iterations: int = 0, fixed_point_tolerance: float = 1e-5,
+                depth: int | None = None) -> list[torch.Tensor]:
+    """Clean latents -> the trajectory [levels 0..depth] (depth + 1 tensors; depth None: n, all of it).
 
     Plain DDIM inversion evaluates the UNet at the lower level when stepping up, an approximation of the
     sampler (which evaluates it at the upper level). Fixed-point refinement (as in AIDI / ReNoise)
     re-evaluates the UNet at the current estimate of the upper level until it stops moving (relative RMS
     change below the tolerance), which makes each inversion step the exact inverse of its sampling step.
     """
+    depth = schedule.steps if depth is None else depth
+    if not 1 <= depth <= schedule.steps:
+        raise ValueError(f"inversion depth must be in [1, {schedule.steps}], got {depth}")
     levels = [latents]
-    for j, timestep in enumerate(schedule.inverter.timesteps):
+    for j, timestep in enumerate(schedule.inverter.timesteps[:depth]):
         lower, step = levels[-1], schedule.steps - 1 - j
         upper = _unet_step(unet, schedule.inverter, lower, timestep, conditioning, step)
         active = torch.ones(len(upper), dtype=torch.bool, device=upper.device)
@@ -162,6 +177,9 @@ def optimize_null_text(unet, schedule: DDIMSchedule, levels: list[torch.Tensor],
                        *, iterations: int, lr: float, tolerance: float) -> torch.Tensor:
     """Per-step unconditional embeddings (S, B, L, D) that make guided sampling retrace `levels`.
 
+    Indexed by sampling step (S = n). A trajectory of depth m < n is retraced by steps n - m .. n - 1 only;
+    the rows of the steps above it keep the starting embedding (sampling never reaches them from there).
+
     Each image's embedding gets its own loss term (summed, not averaged; Adam is element-wise), so the
     result for an image does not depend on what else is in the batch. Each step keeps, per image, the
     best embedding seen (the starting one included), so a step never ends further off than it began.
@@ -171,8 +189,10 @@ def optimize_null_text(unet, schedule: DDIMSchedule, levels: list[torch.Tensor],
     cond = conditioning.cond.detach()
     best = conditioning.uncond_at(0).detach().float().clone()
     latents = levels[-1]
-    per_step = []
-    for step, timestep in enumerate(schedule.timesteps):
+    first = schedule.steps - (len(levels) - 1)
+    per_step = [best.to(cond.dtype, copy=True)] * first
+    for step in range(first, schedule.steps):
+        timestep = schedule.timesteps[step]
         target = levels[schedule.steps - step - 1].float()
         with torch.no_grad():
             out_cond = unet(latents, timestep, encoder_hidden_states=cond, return_dict=False)[0]
@@ -216,7 +236,12 @@ class Inversion:
 
     @property
     def inverted(self) -> torch.Tensor:
+        """The noisiest latent of the trajectory: level `depth`."""
         return self.levels[-1]
+
+    @property
+    def depth(self) -> int:
+        return len(self.levels) - 1
 
     def select(self, rows: list[int]) -> Inversion:
         """The same inversion restricted to some images of the batch."""
@@ -226,8 +251,9 @@ class Inversion:
 
 
 def invert(unet, schedule: DDIMSchedule, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None,
-           config: InversionConfig, *, sampling_guidance: float) -> Inversion:
-    """Invert clean latents conditioned on their prompts; returns what sampling needs to come back.
+           config: InversionConfig, *, sampling_guidance: float, depth: int | None = None) -> Inversion:
+    """Invert clean latents conditioned on their prompts up to level `depth` (None: all n levels);
+    returns what sampling needs to come back.
 
     Variants sample with `sampling_guidance`. Without null-text, guided sampling drifts from the
     trajectory, so the round trip (the reconstruction) retraces it with the inversion's own guidance;
@@ -237,7 +263,7 @@ def invert(unet, schedule: DDIMSchedule, latents: torch.Tensor, cond: torch.Tens
     inversion_conditioning = Conditioning(cond, uncond if config.guidance != 1.0 else None, config.guidance)
     levels = ddim_invert(unet, schedule, latents, inversion_conditioning,
                          fixed_point_iterations=config.fixed_point_iterations,
-                         fixed_point_tolerance=config.fixed_point_tolerance)
+                         fixed_point_tolerance=config.fixed_point_tolerance, depth=depth)
     sampling = Conditioning(cond, uncond if sampling_guidance != 1.0 else None, sampling_guidance)
     if config.null_text_steps > 0 and sampling.guided:
         per_step = optimize_null_text(unet, schedule, levels, sampling, iterations=config.null_text_steps,
@@ -266,9 +292,11 @@ class RoundTrip:
 
 @torch.no_grad()
 def measure_round_trip(unet, vae, schedule: DDIMSchedule, inversion: Inversion, input_uint8: torch.Tensor) -> RoundTrip:
-    """Sample back from the fully inverted latent and compare with the input, in latent and pixel space."""
+    """Sample back from the noisiest inverted latent (level `inversion.depth`) and compare with the input,
+    in latent and pixel space."""
     clean = inversion.clean
-    reconstructed = ddim_sample(unet, schedule, inversion.inverted, inversion.reconstruction)
+    reconstructed = ddim_sample(unet, schedule, inversion.inverted, inversion.reconstruction,
+                                start_step=schedule.steps - inversion.depth)
     latent_error = _relative_rms(reconstructed - clean, clean)
     pixels = decode_to_uint8(vae, torch.cat([reconstructed, clean]))
     reconstruction, vae_only = pixels.chunk(2)

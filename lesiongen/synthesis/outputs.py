@@ -85,7 +85,7 @@ def candidate_rows(records: list[dict]) -> pd.DataFrame:
                 "adapter_hash": record["adapter_hash"] or "", "source_label": source["label"],
                 "source_reason": source["reason"], "recon_psnr": inversion["recon_psnr"],
                 "recon_ssim": inversion["recon_ssim"], "inversion_psnr": inversion["inversion_psnr"],
-                "latent_error": inversion["latent_error"],
+                "latent_error": inversion["latent_error"], "inversion_depth": inversion.get("depth"),
                 **{k: v for k, v in variant.items() if k not in ("image", "seed", "index")},
             })
     return pd.DataFrame(rows)

@@ -304,6 +304,7 @@ def run_summary(config: SynthesisConfig, mined: MiningResult, generator: Generat
         "method": config.variants.method,
         "strength": config.variants.strength,
         "variants_per_image": config.variants.per_image,
+        "inversion_depth": inversion_depth(config, generator.schedule),
         "scheduler": generator.schedule.describe(),
         "resolution": generator.resolution,
         "base_hash": generator.base_hash,
@@ -316,6 +317,13 @@ def run_summary(config: SynthesisConfig, mined: MiningResult, generator: Generat
         "seconds": round(seconds, 1),
         "processes": processes,
     }
+
+
+def inversion_depth(config: SynthesisConfig, schedule: DDIMSchedule) -> int:
+    """How many levels to invert: up to where the variants start, or all of them (`inversion.depth`)."""
+    if config.inversion.depth == "full":
+        return schedule.steps
+    return schedule.level_for_strength(config.variants.strength)
 
 
 def process_batch(batch: pd.DataFrame, manifest, config: SynthesisConfig, generator: Generator,
@@ -334,7 +342,8 @@ def process_batch(batch: pd.DataFrame, manifest, config: SynthesisConfig, genera
     cond = g.prompt_cache([g.prompts.class_prompt(label) for label in labels])
     # CFG's unconditional side is the prompt file's negative prompt: variants steer away from it
     uncond = g.prompt_cache([g.prompts.negative_prompt] * len(labels))
-    inversion = invert(g.unet, g.schedule, latents, cond, uncond, config.inversion, sampling_guidance=vcfg.guidance)
+    inversion = invert(g.unet, g.schedule, latents, cond, uncond, config.inversion, sampling_guidance=vcfg.guidance,
+                       depth=inversion_depth(config, g.schedule))
     round_trip = measure_round_trip(g.unet, g.pipe.vae, g.schedule, inversion, images)
     scores = round_trip.rows()
     verdicts = reconstruction_verdicts(scores, config.filters)
@@ -357,7 +366,7 @@ def process_batch(batch: pd.DataFrame, manifest, config: SynthesisConfig, genera
         records.append({
             "source": {k: _plain(source[k]) for k in ("rank", "image", "label", "split", "group_id", "pred",
                                                      "reason", "hardness")},
-            "inversion": {**scores[i], "verdict": verdicts[i]},
+            "inversion": {**scores[i], "depth": inversion.depth, "verdict": verdicts[i]},
             "reconstruction": reconstruction,
             "method": vcfg.method, "strength": vcfg.strength, "renoise": vcfg.renoise, "guidance": vcfg.guidance,
             "lambda": vcfg.embedding_lambda if vcfg.method == "embedding" else None,

@@ -19,7 +19,7 @@ variant starts from
 so `renoise` r sets how much of the inversion's noise is replaced by fresh noise: r = 0 retraces the
 reconstruction (no variation), r = 1 is classic img2img (SDEdit) of z0, and values between keep the
 hard case's layout while the fresh part makes new detail. The inverted trajectory is computed once per
-source image and shared by all its variants.
+source image, only up to level m (nothing above it is ever used), and shared by all its variants.
 
 Optional classifier guidance pushes each sample toward where the current classifier is unsure: it
 lowers log p(label) of the decoded x0 estimate while p(label) is above a target probability (not past
@@ -93,6 +93,8 @@ def start_latents(schedule: DDIMSchedule, inversion: Inversion, *, strength: flo
     """The variants' start latents at level m (each source repeated `per_image` times) and the first
     sampling step."""
     level = schedule.level_for_strength(strength)
+    if level > inversion.depth:
+        raise ValueError(f"strength {strength} starts at level {level}, above the inversion's depth {inversion.depth}")
     alpha_bar = schedule.alpha_bar_at_level(level).to(torch.float32)
     a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
     clean = inversion.clean.float().repeat_interleave(per_image, dim=0)
