@@ -47,6 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=256, help="synthetic training images")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the base and data here between runs")
     parser.add_argument("--skip-ti", action="store_true")
+    parser.add_argument("--skip-lora", action="store_true", help="only the textual-inversion table")
     parser.add_argument("--smoke", action="store_true", help="tiny base, CPU, 32 px, a few steps")
     args = parser.parse_args()
     if args.smoke:
@@ -161,14 +162,16 @@ def main() -> None:
         bs, res = args.batch_size, args.resolution
         print(f"{describe_machine()}; base {preset} (random weights), {res} px, "
               f"batch {bs}, {weight_dtype()}, {args.steps} timed steps after {args.warmup} warm-up steps")
-        rows = [
-            measure("script-like LoRA", lambda: script_like_step(base, bs, res, token=None), args),
-            measure("lesiongen LoRA (default)", lambda: lesiongen_step(base, manifest, work / "run-lora", bs, res,
-                                                                       method="lora", compile=None), args),
-            measure("lesiongen LoRA, no compile", lambda: lesiongen_step(base, manifest, work / "run-lora-eager", bs,
-                                                                         res, method="lora", compile=False), args),
-        ]
-        print_table("LoRA training (rank 4, to_q/k/v/out)", rows, "script-like LoRA")
+        if not args.skip_lora:
+            rows = [
+                measure("script-like LoRA", lambda: script_like_step(base, bs, res, token=None), args),
+                measure("lesiongen LoRA (default)", lambda: lesiongen_step(base, manifest, work / "run-lora", bs, res,
+                                                                           method="lora", compile=None), args),
+                measure("lesiongen LoRA, no compile",
+                        lambda: lesiongen_step(base, manifest, work / "run-lora-eager", bs, res, method="lora",
+                                               compile=False), args),
+            ]
+            print_table("LoRA training (rank 4, to_q/k/v/out)", rows, "script-like LoRA")
         if not args.skip_ti:
             rows = [
                 measure("script-like TI", lambda: script_like_step(base, bs, res, token="<bench-tok>"), args),
