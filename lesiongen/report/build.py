@@ -144,8 +144,9 @@ def _pictures(layout: RunLayout, config: LoopConfig, real) -> list:
         if png is not None:
             out += [Heading(f"Hard cases of round {r}", 3),
                     Figure(f"hard-cases-r{r}", png, f"Round {r}, seed {seed}: the hardest mined cases (true → "
-                                                     "predicted class), their DDIM reconstruction, and the variants "
-                                                     "that passed the filters.")]
+                                                     "predicted class), their DDIM reconstruction (inverted as deep "
+                                                     "as the run's inversion depth, then sampled back), and the "
+                                                     "variants that passed the filters.")]
     for arm in config.arms:
         if arm == "real":
             continue
