@@ -138,7 +138,8 @@ class Ours:
         from lesiongen.synthesis.variants import sample_variants, variant_seed
 
         # as mine-and-generate does: invert only up to where the variants start
-        inversion = self.invert(images, prompts, self.args.guidance, self.schedule.level_for_strength(self.args.strength))
+        depth = self.schedule.level_for_strength(self.args.strength)
+        inversion = self.invert(images, prompts, self.args.guidance, depth)
         measure_round_trip(self.pipe.unet, self.pipe.vae, self.schedule, inversion, images)
         seeds = [variant_seed(0, f"image-{i}", k) for i in range(len(images)) for k in range(self.args.variants)]
         return sample_variants(self.pipe.unet, self.pipe.vae, self.schedule, inversion, self.variant_config, seeds=seeds)

@@ -19,7 +19,7 @@ variant starts from
 so `renoise` r sets how much of the inversion's noise is replaced by fresh noise: r = 0 retraces the
 reconstruction (no variation), r = 1 is classic img2img (SDEdit) of z0, and values between keep the
 hard case's layout while the fresh part makes new detail. The inverted trajectory is computed once per
-source image, only up to level m (nothing above it is ever used), and shared by all its variants.
+source image (by default only up to level m: nothing above it is used) and shared by all its variants.
 
 Optional classifier guidance pushes each sample toward where the current classifier is unsure: it
 lowers log p(label) of the decoded x0 estimate while p(label) is above a target probability (not past
