@@ -110,8 +110,10 @@ def test_a_class_not_in_the_prompt_file_is_refused(finetuned_adapter_dir, tmp_pa
     assert result.exit_code == 2 and "class 'scc' is not in the prompt file" in result.output
 
 
-def test_fast_renderer_matches_the_plain_pipeline(finetuned_adapter_dir, tiny_pipeline_dir):
-    """Folded LoRA, fused QKV and cached prompt states change sums' order, not the images."""
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow, id="compiled")])
+def test_fast_renderer_matches_the_plain_pipeline(finetuned_adapter_dir, tiny_pipeline_dir, compile):
+    """Folded LoRA, fused QKV, cached prompt states and `torch.compile` (a minute of CPU compiling, so
+    opt-in) change sums' order, not the images."""
     from lesiongen.data.prompts import load_prompts
     from lesiongen.diffusion.adapters import load_adapted_pipeline
     from lesiongen.diffusion.generate import (GenerationSettings, Renderer, class_requests, optimize_for_inference,
@@ -125,7 +127,7 @@ def test_fast_renderer_matches_the_plain_pipeline(finetuned_adapter_dir, tiny_pi
     expected = plain([r.prompt for r in requests], negative_prompt=[prompts.negative_prompt] * 2, num_inference_steps=3,
                      guidance_scale=5.0, generator=[torch.Generator().manual_seed(r.seed) for r in requests],
                      height=32, width=32, output_type="pt").images
-    fast = optimize_for_inference(load_adapted_pipeline(tiny_pipeline_dir, finetuned_adapter_dir))
+    fast = optimize_for_inference(load_adapted_pipeline(tiny_pipeline_dir, finetuned_adapter_dir), compile=compile)
     fast.set_progress_bar_config(disable=True)
     set_scheduler(fast, "ddim")
     assert not getattr(fast.unet, "peft_config", None)  # LoRA folded into the weights

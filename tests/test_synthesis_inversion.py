@@ -243,3 +243,20 @@ def test_classifier_guidance_lowers_the_label_probability(pipe, batch, predictio
     p_plain = predict_proba(model, info, plain)[torch.arange(2), labels]
     p_guided = predict_proba(model, info, guided)[torch.arange(2), labels]
     assert (p_guided < p_plain).all(), (p_plain, p_guided)
+
+
+@pytest.mark.slow
+def test_a_compiled_unet_inverts_and_samples_like_the_eager_one(pipe, batch):
+    """`mine-and-generate --compile`: the same trajectory and variants (a minute of CPU compiling, so opt-in)."""
+    _, latents, cond, uncond = batch
+    schedule = DDIMSchedule(pipe.scheduler.config, 10)
+    config = VariantConfig(per_image=2, strength=0.6, renoise=0.5, guidance=3.0)
+    seeds = [variant_seed(0, image, k) for image in ("a.png", "b.png") for k in range(2)]
+    results = []
+    for unet in (pipe.unet, torch.compile(pipe.unet)):
+        inversion = invert(unet, schedule, latents, cond, uncond, InversionConfig(steps=10), sampling_guidance=3.0,
+                           depth=schedule.level_for_strength(config.strength))
+        results.append((inversion.levels[-1], sample_variants(unet, pipe.vae, schedule, inversion, config, seeds=seeds)))
+    (eager_latents, eager_images), (compiled_latents, compiled_images) = results
+    assert torch.allclose(compiled_latents, eager_latents, rtol=1e-4, atol=1e-4)
+    assert (compiled_images.int() - eager_images.int()).abs().max() <= 1
