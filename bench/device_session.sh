@@ -2,22 +2,38 @@
 # The GPU numbers of bench/RESULTS.md on the workplace's `device` machine (Python 3.12, torch 2.11, no
 # package index, at most 64 MiB carried per call, ignored paths NOT kept between calls).
 #
-#   bash bench/device_session.sh prepare     # here, once: the carried folders below (git-ignored)
+#   bash bench/device_session.sh prepare [--judge DIR] [--resume-from FILES_AT/pretrain]
+#                                            # here: the carried folders below (git-ignored), see
+#                                            # bench/device_prepare.py
 #
-# then one `device` call per mode, each naming its carry:
+# then one `device` call with one or more modes (run in the order given; the carry is the union):
 #
-#   speed       carry [".whl"]                           SD-1.5-shape benches: LoRA training (~200 s, of it
-#                                                        142 s compiling), generation (~40 s at batch 8),
-#                                                        inversion + variants (~50 s at batch 8)
-#   classifier  carry [".devcache"]                      derm-dev recipe (~150 s on an H200), throughput (~60 s),
-#                                                        the `-m gpu` tests of the classifier
-#   finetune    carry [".whl", ".devcache/derm-dev.zip"] LoRA+TI finetune of the demo base on derm-dev + its grid
+#   mode        carry                                    what, and its time on an H100/H200
+#   throughput  .devcache/derm-dev.zip                   #3 data pipeline vs synthetic-tensor ceiling (~60 s)
+#   generation  .whl                                     #4 txt2img at batch 8: plain, eager, compiled (~4 min)
+#   ti          .whl                                     #4 textual-inversion rows beside the script-like loop (~3 min)
+#   finetune    .whl .devcache/derm-dev.zip              #4 LoRA+TI finetune of the demo base on derm-dev + grid (~150 s)
+#   inversion   .whl                                     #5 inversion + variants at batch 32, eager and compiled (~5 min)
+#   pretrain    .whl .devcache/pretrain                  #8 one 8-minute link of the derm-dev base chain (below)
+#   speed       .whl                                     the 2026-11-26 set: LoRA training, generation, inversion at batch 8
+#   classifier  .devcache/derm-dev.zip .devcache/weights derm-dev recipe (~150 s), throughput (~60 s), `-m gpu` tests
+#
+# e.g. `throughput generation ti` with carry [".whl", ".devcache/derm-dev.zip"] fits one 600 s call.
+# `.whl` holds diffusers and open_clip (9 MB); add ".whl-peft" to any carry to run with the peft the tests
+# ran with (0.21.2) instead of the machine's own.
 #
 # derm-dev travels as one stored zip: the tool counts its 12,753 small files at about 59 MiB, the zip is
 # 47 MB. The lite0 ImageNet weights travel converted and in fp16 (9 MB; pooled features of the fp16 copy
 # have cosine 0.9999 with the fp32 ones). Each step has its own time limit; logs land in $OUT.
+#
+# The pretrain chain (#8): `prepare` puts into .devcache/pretrain a 64 px JPEG copy of derm-dev (~21 MB;
+# the base trains at 64 px anyway), the judge (--judge: a `train-classifier` folder trained on real
+# derm-dev, default checkpoints/es-study, weights in fp16) and, with --resume-from, the newest checkpoint
+# of the previous link. Each link trains for 8 minutes without the optimizer state
+# (Adam's moments restart: the state would not fit the 64 MiB), writes the newest checkpoint to
+# $OUT/pretrain, and once the recipe's steps are done judges 128 samples per class.
 set -u
-mode=${1:?usage: bench/device_session.sh prepare|speed|classifier|finetune}
+[ $# -ge 1 ] || { echo "usage: bench/device_session.sh prepare | MODE... (see the header)" >&2; exit 2; }
 out=${OUT:-/tmp/device-out}
 work=/tmp/lesiongen-bench
 site=/tmp/lesiongen-site
@@ -32,60 +48,52 @@ step() {  # step SECONDS NAME COMMAND...
     grep -v '%|' "$out/$name.log" | tail -n 30
 }
 
+wheels_installed=no
 install_wheels() {
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $site .whl/*.whl
+    [ $wheels_installed = yes ] && return 0
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $site .whl/*.whl \
+        $(ls .whl-peft/*.whl 2>/dev/null) && wheels_installed=yes
 }
 
-unpack_derm_dev() {
-    mkdir -p .dd && python3 -m zipfile -e .devcache/derm-dev.zip .dd
+unzip_once() {  # unzip_once ZIP FOLDER_IT_MAKES
+    [ -d "$2" ] || { mkdir -p .dd && python3 -m zipfile -e "$1" .dd; }
 }
 
-if [ "$mode" = prepare ]; then
-    python=${PYTHON:-.venv/bin/python}
-    mkdir -p .whl .devcache/weights
-    $python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-        diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 peft==0.21.2 || exit 1
-    $python - <<'EOF' || exit 1
-import os, zipfile
-from pathlib import Path
-
-from safetensors.torch import load_file, save_file
-
-from lesiongen.classifier.weights import imagenet_weights_file
-
-weights = load_file(str(imagenet_weights_file("tf_efficientnet_lite0")))
-save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in weights.items()},
-          ".devcache/weights/tf_efficientnet_lite0.in1k.safetensors")
-data = Path("../shared/data")
-with zipfile.ZipFile(".devcache/derm-dev.zip", "w", zipfile.ZIP_STORED) as archive:
-    for path in sorted((data / "derm-dev").rglob("*")):
-        if path.is_file():
-            archive.write(path, path.relative_to(data).as_posix())
-EOF
-    du -sh .whl .devcache
-    exit 0
-fi
-
-mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-case $mode in
-speed)
-    install_wheels || exit 1
-    step 240 diffusion_training python3 bench/diffusion_training.py --steps 15 --warmup 5 --images 128 --workdir $work
-    step 100 generation python3 bench/generation.py --batch-sizes 8 --repeats 2 --no-compile --workdir $work
-    step 120 inversion_variants python3 bench/inversion_variants.py --batch-size 8 --variants 2 --repeats 1
-    ;;
-classifier)
-    unpack_derm_dev || exit 1
-    step 200 classifier_quality python3 bench/classifier_quality.py --data .dd/derm-dev --only recipe --out $work/cq
-    cp $work/cq/derm-dev/recipe/eval-test/metrics.json "$out/classifier_metrics.json"
-    step 60 classifier_throughput python3 bench/classifier_throughput.py --data .dd/derm-dev --load-size 128
-    step 60 gpu_tests python3 -m pytest -q -m gpu tests/test_classifier_train.py
-    ;;
-finetune)
-    install_wheels && unpack_derm_dev || exit 1
-    step 150 finetune python3 - <<EOF
+run_mode() {
+    case $1 in
+    throughput)
+        unzip_once .devcache/derm-dev.zip .dd/derm-dev || return 1
+        step 90 classifier_throughput python3 bench/classifier_throughput.py --data .dd/derm-dev --load-size 128
+        ;;
+    generation)
+        install_wheels || return 1
+        step 300 generation python3 bench/generation.py --batch-sizes 8 --repeats 2 --workdir $work
+        ;;
+    ti)
+        install_wheels || return 1
+        step 240 diffusion_training_ti python3 bench/diffusion_training.py --skip-lora --steps 15 --warmup 5 \
+            --images 128 --workdir $work
+        ;;
+    inversion)
+        install_wheels || return 1
+        step 420 inversion_variants python3 bench/inversion_variants.py --batch-size 32 --variants 4 --repeats 1 --compile
+        ;;
+    speed)
+        install_wheels || return 1
+        step 240 diffusion_training python3 bench/diffusion_training.py --steps 15 --warmup 5 --images 128 --workdir $work
+        step 100 generation python3 bench/generation.py --batch-sizes 8 --repeats 2 --no-compile --workdir $work
+        step 120 inversion_variants python3 bench/inversion_variants.py --batch-size 8 --variants 2 --repeats 1
+        ;;
+    classifier)
+        unzip_once .devcache/derm-dev.zip .dd/derm-dev || return 1
+        step 200 classifier_quality python3 bench/classifier_quality.py --data .dd/derm-dev --only recipe --out $work/cq
+        cp $work/cq/derm-dev/recipe/eval-test/metrics.json "$out/classifier_metrics.json"
+        step 60 classifier_throughput python3 bench/classifier_throughput.py --data .dd/derm-dev --load-size 128
+        step 60 gpu_tests python3 -m pytest -q -m gpu tests/test_classifier_train.py
+        ;;
+    finetune)
+        install_wheels && unzip_once .devcache/derm-dev.zip .dd/derm-dev || return 1
+        step 150 finetune python3 - <<EOF
 from lesiongen.data.index import index_dataset
 from lesiongen.diffusion.finetune.config import FinetuneConfig
 from lesiongen.diffusion.finetune.run import run_finetune
@@ -97,11 +105,43 @@ out = run_finetune(FinetuneConfig(
     validate_every=1500, validation_images_per_class=6), overwrite=True)
 print("finetune written to", out)
 EOF
-    cp "$(ls $work/ft/validation/step-*.png | tail -n 1)" "$out/finetune_grid.png"
-    cp $work/ft/train_log.json "$out/finetune_train_log.json"
-    ;;
-*)
-    echo "unknown mode '$mode' (prepare, speed, classifier or finetune)" >&2
-    exit 2
-    ;;
-esac
+        cp "$(ls $work/ft/validation/step-*.png | tail -n 1)" "$out/finetune_grid.png"
+        cp $work/ft/train_log.json "$out/finetune_train_log.json"
+        ;;
+    pretrain)
+        local chain=.devcache/pretrain newest
+        install_wheels && unzip_once $chain/derm-dev-64.zip .dd/derm-dev-64 || return 1
+        mkdir -p $work $chain/work "$out/pretrain"
+        [ -f $work/manifest-64.csv ] || python3 -c "from lesiongen.data.index import index_dataset as index
+index('.dd/derm-dev-64', out='$work/manifest-64.csv', seed=0)" || return 1  # uninstalled: no lesiongen.cli
+        step 560 pretrain python3 bench/pretrain_quality.py --config configs/pretrain-derm-dev-gpu.yaml \
+            --data $work/manifest-64.csv --judge $chain/judge --samples-per-class 128 --time-limit ${PRETRAIN_MINUTES:-8} \
+            --work $chain/work --variant "chain:save_optimizer=false"
+        newest=$(ls -d $chain/work/run-chain/checkpoints/checkpoint-* 2>/dev/null | sort -V | tail -n 1)
+        [ -n "$newest" ] && cp -r "$newest" "$out/pretrain/"
+        cp $chain/work/grid-*.png "$out/pretrain/" 2>/dev/null
+        du -sh "$out/pretrain"
+        ;;
+    *)
+        echo "unknown mode '$1' (see the header)" >&2
+        return 2
+        ;;
+    esac
+}
+
+if [ "$1" = prepare ]; then
+    shift
+    ${PYTHON:-.venv/bin/python} -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+        diffusers==0.42.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 || exit 1
+    ${PYTHON:-.venv/bin/python} -m pip download -q --no-deps --only-binary=:all: -d .whl-peft peft==0.21.2 || exit 1
+    ${PYTHON:-.venv/bin/python} bench/device_prepare.py "$@" || exit 1
+    du -sh .whl .whl-peft .devcache/derm-dev.zip .devcache/weights .devcache/pretrain
+    exit 0
+fi
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+for mode in "$@"; do
+    echo "==== mode $mode: $(date +%T)"
+    run_mode "$mode" || echo "==== mode $mode failed"
+done
