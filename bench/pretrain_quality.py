@@ -102,7 +102,10 @@ def make_judge(judge: str, manifest: Path, work: Path, smoke: bool, device: torc
                 "domain_distance": result.get("domain_distance")}
 
     real = by_classifier(test.images, test.labels)
+    balanced = sum(real["per_class"].values()) / len(real["per_class"])
+    # Samples come in equal numbers per class, so their fidelity compares with the real images' balanced accuracy.
     return by_classifier, train.classes, (f"classifier {judge} on real test images: accuracy {real['fidelity']:.3f}"
+                                          f", balanced accuracy {balanced:.3f}"
                                           f", real-vs-real-train domain distance {real['domain_distance']}")
 
 
