@@ -54,7 +54,9 @@ class LoraWeights:
         for component, model in models.items():
             if model is None or adapter_name not in getattr(model, "peft_config", {}):
                 continue
-            state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+            # only the LoRA layers: learned tokens resize the text encoder's embedding, and peft would then
+            # add the whole embedding matrix, which LoRA loaders reject (tokens travel as embeddings instead)
+            state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
             layers[component] = {k: v.detach().cpu().contiguous() for k, v in state.items()}
             configs[component] = config_to_dict(model.peft_config[adapter_name])
         return cls(layers, configs)
@@ -149,6 +151,14 @@ def load_diffusers_lora(path: str | os.PathLike) -> LoraWeights:
     return LoraWeights(layers, configs)
 
 
+def kohya_module_path(component: str, module: str) -> str:
+    """The module path kohya / A1111 files name: CLIP's layers under `text_model.`, where transformers < 5
+    kept them (transformers 5 flattened CLIPTextModel, so peft names them from `encoder.`)."""
+    if component == "text_encoder" and not module.startswith("text_model."):
+        return f"text_model.{module}"
+    return module
+
+
 def kohya_state_dict(lora: LoraWeights, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """kohya keys with the true alpha of every module (kohya applies alpha / rank)."""
     out: dict[str, torch.Tensor] = {}
@@ -156,7 +166,7 @@ def kohya_state_dict(lora: LoraWeights, dtype: torch.dtype | None = None) -> dic
         prefix = KOHYA_PREFIXES[component]
         for module in lora.modules(component):
             down, up = layers[f"{module}.lora_A.weight"], layers[f"{module}.lora_B.weight"]
-            name = f"{prefix}_{module.replace('.', '_')}"
+            name = f"{prefix}_{kohya_module_path(component, module).replace('.', '_')}"
             out[f"{name}.lora_down.weight"] = down if dtype is None else down.to(dtype)
             out[f"{name}.lora_up.weight"] = up if dtype is None else up.to(dtype)
             out[f"{name}.alpha"] = torch.tensor(lora.scale(component, module) * down.shape[0], dtype=torch.float32)
