@@ -73,7 +73,7 @@ def test_pretrain_cli_pauses_resumes_and_saves_an_sd_folder(toy_manifest, tmp_pa
 
 
 def test_resume_reproduces_an_uninterrupted_run(toy_manifest, tmp_path):
-    config = quick_config()
+    config = quick_config(unet=UnetStageConfig(steps=4, batch_size=4, class_balance=1.0))  # seeded weighted draws
     pretrain_base(toy_manifest, tmp_path / "straight", config=config, log=lambda _: None)
     paused = pretrain_base(toy_manifest, tmp_path / "chained", config=config, stop_after_steps=2, log=lambda _: None)
     assert not paused.finished and paused.global_step == 2  # inside the VAE stage
@@ -174,6 +174,23 @@ def test_bad_recipe_values_are_named(tmp_path, toy_manifest):
     result = runner.invoke(app, ["base", "pretrain", "--manifest", str(toy_manifest), "--out", str(tmp_path / "x"),
                                  "--config", str(config)])
     assert result.exit_code == 2 and "unet" in result.output and "caption_dropout" in result.output
+
+
+def test_class_balance_evens_out_the_classes_drawn():
+    from lesiongen.diffusion.pretrain.latents import LatentSet
+
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    latents = LatentSet(torch.zeros(100, 4, 2, 2), torch.ones(100, 4, 2, 2), labels)
+
+    def share_of_the_rare_class(balance: float) -> float:
+        index = latents.draw(20_000, latents.row_weights(balance), torch.Generator().manual_seed(0))
+        return float((labels[index] == 1).float().mean())
+
+    assert share_of_the_rare_class(0.0) == pytest.approx(0.10, abs=0.01)  # as in the data
+    assert share_of_the_rare_class(0.5) == pytest.approx(0.25, abs=0.015)  # sqrt(10) / (sqrt(90) + sqrt(10))
+    assert share_of_the_rare_class(1.0) == pytest.approx(0.50, abs=0.015)
+    with pytest.raises(ValueError, match=r"unet\.class_balance must be in \[0, 1\]"):
+        UnetStageConfig(class_balance=1.5)
 
 
 def test_min_snr_weights_and_schedule():

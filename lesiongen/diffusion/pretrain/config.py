@@ -57,9 +57,12 @@ class UnetStageConfig:
     prediction_type: str = "v_prediction"
     noise_schedule: str = "zero_snr"
     min_snr_gamma: float | None = 5.0  # Min-SNR loss weighting (Hang et al. 2023); None: plain MSE
+    class_balance: float = 0.0  # draw weight n_class ** -class_balance: 0 as in the data, 1 every class equally
 
     def __post_init__(self) -> None:
         _positive(self, "steps", allow_zero=True)
+        if not 0.0 <= self.class_balance <= 1.0:
+            raise ValueError(f"unet.class_balance must be in [0, 1], got {self.class_balance}")
         _positive(self, "batch_size")
         _positive(self, "learning_rate")
         if not 0.0 <= self.ema_decay < 1.0:

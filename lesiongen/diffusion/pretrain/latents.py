@@ -28,6 +28,18 @@ class LatentSet:
     def sample(self, index: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         return self.mean[index] + self.std[index] * eps
 
+    def row_weights(self, class_balance: float) -> torch.Tensor | None:
+        """Draw weight n_class ** -class_balance of every row; None at 0 (uniform over rows)."""
+        if class_balance == 0:
+            return None
+        return torch.bincount(self.label).float()[self.label] ** -class_balance
+
+    def draw(self, batch_size: int, weights: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+        """Row indices of one batch, by `row_weights` (drawn with replacement)."""
+        if weights is None:
+            return torch.randint(len(self.mean), (batch_size,), generator=generator, device=self.mean.device)
+        return torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+
 
 @torch.no_grad()
 def encode_views(vae, data: ClassImages, *, augment: bool, device: torch.device,

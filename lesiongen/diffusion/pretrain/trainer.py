@@ -192,6 +192,7 @@ class Pretrainer:
         cfg = self.config.unet
         self.vae.eval().requires_grad_(False)
         latent_set = self._latent_cache()
+        row_weights = latent_set.row_weights(cfg.class_balance)
         text = self._encode_prompts(self.class_prompts)  # (C, 77, D)
         empty = self._encode_prompts([""])
         alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
@@ -213,7 +214,7 @@ class Pretrainer:
                 break
             _, gen = step_generators(self.config.seed, "unet", self.state.step, self.device)
             draw = {"generator": gen, "device": self.device}
-            index = torch.randint(len(latent_set.mean), (cfg.batch_size,), **draw)
+            index = latent_set.draw(cfg.batch_size, row_weights, gen)
             eps = torch.randn((cfg.batch_size, *latent_set.mean.shape[1:]), **draw)
             latents = latent_set.sample(index, eps) * scale
             noise = torch.randn(latents.shape, **draw)
