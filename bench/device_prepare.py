@@ -64,7 +64,8 @@ def main() -> None:
     from lesiongen.classifier.weights import imagenet_weights_file
 
     (CACHE / "weights").mkdir(parents=True, exist_ok=True)
-    save_half(imagenet_weights_file("tf_efficientnet_lite0"), CACHE / "weights" / "tf_efficientnet_lite0.in1k.safetensors")
+    lite0 = CACHE / "weights" / "tf_efficientnet_lite0.in1k.safetensors"
+    save_half(imagenet_weights_file("tf_efficientnet_lite0"), lite0)
     zip_derm_dev(CACHE / "derm-dev.zip", None)
 
     chain = CACHE / "pretrain"

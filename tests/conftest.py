@@ -59,9 +59,9 @@ def tiny_pipeline_dir(tmp_path_factory):
 
 # Settings of the shared fine-tuning run: LoRA on the UNet and the text encoder + two-vector tokens, alpha !=
 # rank, checkpoints every 4 steps (the resume test continues a shorter run and compares with checkpoint-4).
-FINETUNE_TEST_ARGS = ["--method", "lora+ti", "--text-encoder-lora", "--rank", "4", "--alpha", "8", "--num-vectors", "2", "--steps", "24",
-                      "--batch-size", "4", "--lr", "5e-3", "--token-lr", "2e-2", "--checkpoint-every", "4",
-                      "--validate-every", "12", "--log-every", "4", "--seed", "0"]
+FINETUNE_TEST_ARGS = ["--method", "lora+ti", "--text-encoder-lora", "--rank", "4", "--alpha", "8", "--num-vectors", "2",
+                      "--steps", "24", "--batch-size", "4", "--lr", "5e-3", "--token-lr", "2e-2",
+                      "--checkpoint-every", "4", "--validate-every", "12", "--log-every", "4", "--seed", "0"]
 
 
 @pytest.fixture(scope="session")

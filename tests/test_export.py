@@ -126,7 +126,8 @@ def test_lora_with_alpha_not_equal_rank_round_trips_through_every_format(fresh_p
     torch.manual_seed(0)
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     # all four projections, as kohya trains them: diffusers recognises a kohya text-encoder LoRA by its out_proj
-    pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=1, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
+    pipe.text_encoder.add_adapter(LoraConfig(r=2, lora_alpha=1,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
     with torch.no_grad():
         for model in (pipe.unet, pipe.text_encoder):
             for name, param in model.named_parameters():

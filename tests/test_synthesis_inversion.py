@@ -256,7 +256,8 @@ def test_a_compiled_unet_inverts_and_samples_like_the_eager_one(pipe, batch):
     for unet in (pipe.unet, torch.compile(pipe.unet)):
         inversion = invert(unet, schedule, latents, cond, uncond, InversionConfig(steps=10), sampling_guidance=3.0,
                            depth=schedule.level_for_strength(config.strength))
-        results.append((inversion.levels[-1], sample_variants(unet, pipe.vae, schedule, inversion, config, seeds=seeds)))
+        variants = sample_variants(unet, pipe.vae, schedule, inversion, config, seeds=seeds)
+        results.append((inversion.levels[-1], variants))
     (eager_latents, eager_images), (compiled_latents, compiled_images) = results
     assert torch.allclose(compiled_latents, eager_latents, rtol=1e-4, atol=1e-4)
     assert (compiled_images.int() - eager_images.int()).abs().max() <= 1

@@ -63,8 +63,6 @@ class UnetStageConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "steps", allow_zero=True)
-        if not 0.0 <= self.class_balance <= 1.0:
-            raise ValueError(f"unet.class_balance must be in [0, 1], got {self.class_balance}")
         _positive(self, "batch_size")
         _positive(self, "learning_rate")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -80,6 +78,8 @@ class UnetStageConfig:
                              "model cannot recover the image from pure noise at t = T)")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ValueError("unet.min_snr_gamma must be > 0 (or null to disable)")
+        if not 0.0 <= self.class_balance <= 1.0:
+            raise ValueError(f"unet.class_balance must be in [0, 1], got {self.class_balance}")
 
 
 @dataclass
