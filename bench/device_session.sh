@@ -120,6 +120,9 @@ index('.dd/derm-dev-64', out='$work/manifest-64.csv', seed=0)" || return 1  # un
         newest=$(ls -d $chain/work/run-chain/checkpoints/checkpoint-* 2>/dev/null | sort -V | tail -n 1)
         [ -n "$newest" ] && cp -r "$newest" "$out/pretrain/"
         cp $chain/work/grid-*.png "$out/pretrain/" 2>/dev/null
+        # the finished base (an SD folder), for `finetune` and the derm-dev loop (#6)
+        [ -f $chain/work/run-chain/model_index.json ] && cp -r $chain/work/run-chain "$out/pretrain/base" \
+            && rm -rf "$out/pretrain/base/checkpoints"
         du -sh "$out/pretrain"
         ;;
     *)
