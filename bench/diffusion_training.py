@@ -108,7 +108,8 @@ def script_like_step(base: Path, batch_size: int, resolution: int, *, token: str
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), device=dev)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        states = text_call(ids, return_dict=False)[0]
+        # as the diffusers scripts do: the TI script's text encoder stays fp32, the UNet runs in weight dtype
+        states = text_call(ids, return_dict=False)[0].to(dtype)
         prediction = unet_call(noisy, timesteps, states, return_dict=False)[0]
         loss = F.mse_loss(prediction.float(), noise.float())
         accelerator.backward(loss)
