@@ -14,7 +14,7 @@
 #   ti          .whl                                     #4 textual-inversion rows beside the script-like loop (~3 min)
 #   finetune    .whl .devcache/derm-dev.zip              #4 LoRA+TI finetune of the demo base on derm-dev + grid (~150 s)
 #   inversion   .whl                                     #5 inversion + variants at batch 32, eager and compiled (~5 min)
-#   pretrain    .whl .devcache/pretrain                  #8 one 8-minute link of the derm-dev base chain (below)
+#   pretrain    .whl .devcache/pretrain                  #8 the derm-dev base in a 7-minute budget, judged (~9 min)
 #   speed       .whl                                     the 2026-11-26 set: LoRA training, generation, inversion at batch 8
 #   classifier  .devcache/derm-dev.zip .devcache/weights derm-dev recipe (~150 s), throughput (~60 s), `-m gpu` tests
 #
@@ -29,9 +29,11 @@
 # The pretrain chain (#8): `prepare` puts into .devcache/pretrain a 64 px JPEG copy of derm-dev (~21 MB;
 # the base trains at 64 px anyway), the judge (--judge: a `train-classifier` folder trained on real
 # derm-dev, default checkpoints/es-study, weights in fp16) and, with --resume-from, the newest checkpoint
-# of the previous link. Each link trains for 8 minutes without the optimizer state
-# (Adam's moments restart: the state would not fit the 64 MiB), writes the newest checkpoint to
-# $OUT/pretrain, and once the recipe's steps are done judges 128 samples per class.
+# of the previous link. The run's step counts are fitted to PRETRAIN_BUDGET minutes of training (default 7:
+# one call trains, finishes and judges 128 samples per class); a larger budget makes it a chain of links of
+# PRETRAIN_MINUTES (default 8) each, saved without the optimizer state (Adam's moments restart: the state
+# would not fit the 64 MiB). A link writes the newest checkpoint to $OUT/pretrain, the last one the
+# finished base as one file (derm-dev-base.safetensors), its provenance and the judged grid.
 set -u
 [ $# -ge 1 ] || { echo "usage: bench/device_session.sh prepare | MODE... (see the header)" >&2; exit 2; }
 out=${OUT:-/tmp/device-out}
@@ -115,15 +117,21 @@ EOF
         [ -f $work/manifest-64.csv ] || python3 -c "from lesiongen.data.index import index_dataset as index
 index('.dd/derm-dev-64', out='$work/manifest-64.csv', seed=0)" || return 1  # uninstalled: no lesiongen.cli
         step 560 pretrain python3 bench/pretrain_quality.py --config configs/pretrain-derm-dev-gpu.yaml \
-            --data $work/manifest-64.csv --judge $chain/judge --samples-per-class 128 --time-limit ${PRETRAIN_MINUTES:-8} \
+            --data $work/manifest-64.csv --judge $chain/judge --samples-per-class 128 \
+            --time-limit ${PRETRAIN_MINUTES:-8} --time-budget ${PRETRAIN_BUDGET:-7} \
             --work $chain/work --variant "chain:save_optimizer=false"
-        newest=$(ls -d $chain/work/run-chain/checkpoints/checkpoint-* 2>/dev/null | sort -V | tail -n 1)
-        [ -n "$newest" ] && cp -r "$newest" "$out/pretrain/"
-        cp $chain/work/grid-*.png "$out/pretrain/" 2>/dev/null
-        # the finished base (an SD folder), for `finetune` and the derm-dev loop (#6)
-        [ -f $chain/work/run-chain/model_index.json ] && cp -r $chain/work/run-chain "$out/pretrain/base" \
-            && rm -rf "$out/pretrain/base/checkpoints"
-        du -sh "$out/pretrain"
+        cp $chain/work/grid-*.png $chain/work/run-chain/lesiongen_base.json "$out/pretrain/" 2>/dev/null
+        if [ -f $chain/work/run-chain/model_index.json ]; then
+            # the finished base as one fp16 file (files come back at most 2 folders down, 8 in all), for
+            # `finetune` and the derm-dev loop (#6)
+            python3 -c "from lesiongen.diffusion.loading import load_pipeline as load
+from lesiongen.diffusion.single_file import export_single_file as export
+export(load('$chain/work/run-chain'), '$out/pretrain/derm-dev-base.safetensors', overwrite=True)"
+        else  # the newest checkpoint, for the next link (prepare --resume-from)
+            newest=$(ls -d $chain/work/run-chain/checkpoints/checkpoint-* 2>/dev/null | sort -V | tail -n 1)
+            [ -n "$newest" ] && cp -r "$newest" "$out/pretrain/"
+        fi
+        du -sh "$out/pretrain"/*
         ;;
     *)
         echo "unknown mode '$1' (see the header)" >&2

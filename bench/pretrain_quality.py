@@ -23,6 +23,7 @@ Data: `--data toy` (made here), `--data derm-dev` (../shared/data/derm-dev, inde
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
@@ -141,6 +142,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="minutes of training in this invocation; rerun the same command to continue")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="minutes of training in all: fits the recipe's step counts to them (time_budget_minutes)")
     parser.add_argument("--work", default="checkpoints/bench-pretrain", help="data, runs and grids")
     parser.add_argument("--smoke", action="store_true", help="seconds-long check that the bench runs")
     args = parser.parse_args()
@@ -151,6 +154,7 @@ def main() -> None:
     from lesiongen.diffusion.pretrain import PretrainConfig, pretrain_base
     from lesiongen.diffusion.pretrain.checkpoints import checkpoints_in
     from lesiongen.diffusion.pretrain.sampling import save_grid
+    from lesiongen.diffusion.saving import PROVENANCE_FILE
 
     if args.smoke:
         args.n_per_class, args.samples_per_class, args.sample_steps = 8, 2, 3
@@ -171,8 +175,10 @@ def main() -> None:
 
     rows = []
     for name, overrides in variants:
-        config = from_dict(PretrainConfig, merge(merge(base_cfg, overrides), {"cpu_threads": args.threads}),
-                           where=f"variant {name}")
+        run_settings = {"cpu_threads": args.threads}
+        if args.time_budget:
+            run_settings["time_budget_minutes"] = args.time_budget
+        config = from_dict(PretrainConfig, merge(merge(base_cfg, overrides), run_settings), where=f"variant {name}")
         out = work / f"run-{name}"
         resume = "latest" if checkpoints_in(out) else None
         if (out / "model_index.json").is_file():
@@ -195,16 +201,17 @@ def main() -> None:
         rows_start = torch.arange(len(classes)).repeat_interleave(shown) * args.samples_per_class
         pick = rows_start + torch.arange(shown).repeat(len(classes))
         grid = save_grid(images[pick], len(classes), work / f"grid-{name}.png", row_labels=classes)
-        rows.append((name, config, wall, cpu, verdict, base_mib(out)))
+        steps = json.loads((out / PROVENANCE_FILE).read_text(encoding="utf-8"))["steps"]  # planned, with a budget
+        rows.append((name, config, steps, wall, cpu, verdict, base_mib(out)))
         per_class = " ".join(f"{classes[c]}={v:.2f}" for c, v in sorted(verdict["per_class"].items()))
         print(f"{name}: class fidelity {verdict['fidelity']:.3f} ({per_class}); grid {grid}")
 
     print("\n| variant | preset | px | VAE steps | UNet steps | target / schedule | wall min | CPU min "
           "| class fidelity | domain distance | base MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, config, wall, cpu, verdict, mib in rows:
+    for name, config, steps, wall, cpu, verdict, mib in rows:
         distance = f"{verdict['domain_distance']:.3g}" if verdict["domain_distance"] is not None else "-"
-        print(f"| {name} | {config.preset} | {config.resolution or '-'} | {config.vae.steps} | {config.unet.steps} | "
+        print(f"| {name} | {config.preset} | {config.resolution or '-'} | {steps['vae']} | {steps['unet']} | "
               f"{config.unet.prediction_type} / {config.unet.noise_schedule} | {wall / 60:.1f} | {cpu / 60:.1f} | "
               f"{verdict['fidelity']:.3f} | {distance} | {mib:.1f} |")
     print(f"\n{ceiling}; chance {1 / len(classes):.3f}; {args.samples_per_class} samples per class through "

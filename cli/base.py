@@ -100,6 +100,7 @@ def pretrain(
     resume: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoints/checkpoint-N folder.")] = None,
     stop_after_steps: Annotated[Optional[int], typer.Option(min=1, help="Checkpoint and stop after this many steps (resume later).")] = None,
     time_limit: Annotated[Optional[float], typer.Option(min=0.1, help="Checkpoint and stop after this many minutes.")] = None,
+    time_budget: Annotated[Optional[float], typer.Option(min=0.1, help="Fit the run's step counts to this many minutes of training in all (over every --resume job); the configured steps become upper bounds.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
 ) -> None:
     """Pretrain a small SD-format base from scratch: VAE, then the class-conditioned UNet."""
@@ -111,6 +112,7 @@ def pretrain(
     overrides = {
         "preset": preset, "resolution": resolution, "prompts": prompts, "seed": seed, "device": device,
         "cpu_threads": cpu_threads, "sample_every": sample_every, "checkpoint_every": checkpoint_every,
+        "time_budget_minutes": time_budget,
         "eval_classifier": str(eval_classifier.resolve()) if eval_classifier else None,
         "vae": {"steps": vae_steps, "batch_size": vae_batch_size},
         "unet": {"steps": unet_steps, "batch_size": unet_batch_size, "prediction_type": prediction_type},

@@ -134,6 +134,45 @@ def test_progress_metrics_and_perceptual_term_use_a_classifier(toy_manifest, tmp
     assert provenance["final_samples"]["class_fidelity"] == fidelity
 
 
+def test_stage_fitter_plans_the_steps_that_fit_from_the_measured_speed(monkeypatch):
+    from lesiongen.diffusion.pretrain.budget import StageFitter
+
+    clock = iter(float(t) for t in range(10_000))  # every reading of the clock is one second later
+    monkeypatch.setattr(StageFitter, "_now", lambda self: next(clock))
+    fitter = StageFitter(max_steps=1_000, seconds_left=100.0, device=torch.device("cpu"), warmup_steps=2,
+                         timed_steps=4)  # made at t=0
+    plans = [fitter.observe(step) for step in range(1, 7)]  # reads the clock at step 2 (t=1) and step 6 (t=2)
+    # 4 steps took 1 s; 98 s are left at step 6: 392 more steps
+    assert plans == [None] * 5 + [6 + 392]
+    short = StageFitter(max_steps=50, seconds_left=100.0, device=torch.device("cpu"), warmup_steps=0, timed_steps=1)
+    assert short.observe(0) is None and short.observe(1) == 50  # never past the configured steps
+    spent = StageFitter(max_steps=50, seconds_left=-3.0, device=torch.device("cpu"))
+    assert spent.observe(7) == 7  # the budget was gone before the stage began
+
+
+def test_time_budget_plans_each_stage_once_and_a_resume_keeps_the_plan(toy_manifest, tmp_path):
+    out = tmp_path / "base"
+    args = ["base", "pretrain", "--manifest", str(toy_manifest), "--out", str(out), "--preset", "tiny",
+            "--vae-steps", "100000", "--unet-steps", "100000", "--vae-batch-size", "4", "--unet-batch-size", "4",
+            "--sample-every", "0", "--checkpoint-every", "1000", "--cpu-threads", "1"]
+    result = runner.invoke(app, [*args, "--time-budget", "0.1", "--stop-after-steps", "35"])
+    assert result.exit_code == 0, result.output
+    assert "time budget: vae planned at" in result.output
+    paused = ckpt.TrainerState.read(ckpt.checkpoints_in(out)[-1])
+    vae_steps = paused.planned_steps["vae"]
+    assert 30 <= vae_steps < 100_000 and paused.elapsed_s > 0
+    # a new budget on resume (allowed) leaves the planned VAE alone; the UNet gets planned from it
+    result = runner.invoke(app, [*args, "--time-budget", "0.2", "--resume", "latest"])
+    assert result.exit_code == 0, result.output
+    provenance = json.loads((out / "lesiongen_base.json").read_text())
+    assert provenance["steps"]["vae"] == vae_steps
+    assert 1 <= provenance["steps"]["unet"] < 100_000
+    assert f"finished at step {vae_steps + provenance['steps']['unet']}" in result.output
+    assert 0 < provenance["training_minutes"]
+    with pytest.raises(ValueError, match="time_budget_minutes must be > 0"):
+        PretrainConfig(time_budget_minutes=0)
+
+
 def test_checkpoint_size_limit_is_checked_before_training():
     with pytest.raises(InputError, match=r"max_shards=8 x max_shard_mib=16"):
         ckpt.check_checkpoint_size(100_000_000, torch.float16, max_shard_mib=16, max_shards=8)

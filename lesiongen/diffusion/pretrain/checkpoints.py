@@ -40,6 +40,8 @@ class TrainerState:
     ema_step: int = 0
     optimizer_groups: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)  # last evaluation, carried into the final provenance
+    planned_steps: dict = field(default_factory=dict)  # stage -> step count fitted to the time budget
+    elapsed_s: float = 0.0  # training wall seconds up to this checkpoint, over all jobs of the run
 
     @classmethod
     def read(cls, checkpoint: Path) -> TrainerState:

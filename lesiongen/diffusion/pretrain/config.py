@@ -93,6 +93,11 @@ class PretrainConfig:
     vae: VaeStageConfig = field(default_factory=VaeStageConfig)
     unet: UnetStageConfig = field(default_factory=UnetStageConfig)
     grad_clip: float = 1.0
+    # Wall-clock budget of the training (VAE + latent cache + UNet, over all jobs of a chained run; sample
+    # grids on the way and the final judging come on top). Each stage's steps become an upper bound:
+    # after a few timed steps the stage is planned to end when its share is spent (budget.py).
+    time_budget_minutes: float | None = None
+    vae_budget_share: float = 0.2  # of the budget; the UNet gets the rest, less what the VAE really took
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the UNet (pays on long GPU runs only)
     device: str = "auto"
@@ -126,6 +131,10 @@ class PretrainConfig:
         for name in ("log_every", "checkpoint_every", "max_shard_mib", "samples_per_class", "sample_steps"):
             _positive(self, name)
         _positive(self, "sample_every", allow_zero=True)
+        if self.time_budget_minutes is not None and self.time_budget_minutes <= 0:
+            raise ValueError(f"time_budget_minutes must be > 0 (or null for none), got {self.time_budget_minutes}")
+        if not 0.0 < self.vae_budget_share < 1.0:
+            raise ValueError(f"vae_budget_share must be in (0, 1), got {self.vae_budget_share}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

@@ -23,7 +23,7 @@ from lesiongen.utils.atomic import ensure_writable, write_json
 RESUMABLE_CHANGES = {"vae.steps", "unet.steps", "log_every", "sample_every", "samples_per_class", "sample_steps",
                      "guidance_scale", "eval_classifier", "checkpoint_every", "checkpoints_total_limit",
                      "save_optimizer", "save_dtype", "device", "cpu_threads", "compile", "cache_dir", "max_shards",
-                     "max_shard_mib", "checkpoint_dtype"}
+                     "max_shard_mib", "checkpoint_dtype", "time_budget_minutes", "vae_budget_share"}
 
 
 def write_pipeline_into(pipe, out: Path, provenance: dict) -> None:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lesiongen.diffusion.pretrain import checkpoints as ckpt
+from lesiongen.diffusion.pretrain.budget import StageFitter
 from lesiongen.diffusion.pretrain.config import NOISE_SCHEDULES, PretrainConfig
 from lesiongen.diffusion.pretrain.data import ClassImages, dihedral_by_position, load_class_images, to_model_range
 from lesiongen.diffusion.pretrain.latents import LatentSet, cached_latents
@@ -93,6 +94,7 @@ class Pretrainer:
         self._resume_tensors: dict[str, torch.Tensor] = {}
         self.judge = None
         self._saved_at: int | None = None  # global step of the newest checkpoint on disk
+        self._clock = time.monotonic()  # training seconds since this mark are not yet in state.elapsed_s
 
     # ----------------------------------------------------------------------------------------------- setup
     def _num_checkpoint_weights(self) -> int:
@@ -135,6 +137,7 @@ class Pretrainer:
             self.log(f"{self.out} is already a finished base ({self.state.global_step} steps); nothing to do")
             return PretrainResult(self.out, True, self.state.global_step, self.state.metrics)
         started, first_step = time.monotonic(), self.state.global_step
+        self._clock = started
 
         def should_pause() -> bool:
             steps_run = self.state.global_step - first_step
@@ -150,14 +153,44 @@ class Pretrainer:
             self.log(f"VAE done; latent scaling factor {self.state.scaling_factor:.5f} (1 / std of the latents)")
             self._save()
         self._train_unet(should_pause)
-        if self.state.step < self.config.unet.steps:
+        if self.state.step < self.stage_steps("unet"):
             return self._pause()
         return self._finish()
 
     def is_finished(self) -> bool:
-        """Trained to the configured steps and written out (model_index.json is written last)."""
-        return (self.state.stage == "unet" and self.state.step >= self.config.unet.steps
+        """Trained to the planned steps and written out (model_index.json is written last)."""
+        return (self.state.stage == "unet" and self.state.step >= self.stage_steps("unet")
                 and (self.out / "model_index.json").is_file())
+
+    def stage_steps(self, stage: str) -> int:
+        """The stage's step count: the one fitted to the time budget once planned, else the config's."""
+        return self.state.planned_steps.get(stage, getattr(self.config, stage).steps)
+
+    def _elapsed(self) -> float:
+        """Training wall seconds of the whole run so far, earlier jobs included."""
+        return self.state.elapsed_s + time.monotonic() - self._clock
+
+    def _fitter(self, stage: str) -> StageFitter | None:
+        """None without a time budget or once the stage is planned. The VAE gets `vae_budget_share` of
+        the budget; the UNet what is left after the VAE and the latent cache."""
+        budget = self.config.time_budget_minutes
+        if budget is None or stage in self.state.planned_steps:
+            return None
+        share = self.config.vae_budget_share if stage == "vae" else 1.0
+        return StageFitter(max_steps=getattr(self.config, stage).steps,
+                           seconds_left=budget * 60 * share - self._elapsed(), device=self.device)
+
+    def _plan(self, stage: str, fitter: StageFitter | None) -> StageFitter | None:
+        """Feed the fitter the step just done; once it has a plan, store it and drop the fitter."""
+        if fitter is None:
+            return None
+        planned = fitter.observe(self.state.step)
+        if planned is None:
+            return fitter
+        self.state.planned_steps[stage] = planned
+        self.log(f"time budget: {stage} planned at {planned} steps (config {getattr(self.config, stage).steps}), "
+                 f"{self._elapsed() / 60:.1f} of {self.config.time_budget_minutes} min spent")
+        return None
 
     def _train_vae(self, should_pause) -> bool:
         """Train until the stage's step count; True when paused before it."""
@@ -167,12 +200,14 @@ class Pretrainer:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
         self._load_optimizer()
         perceptual = self._perceptual_features() if cfg.perceptual_weight > 0 else None
-        while self.state.step < cfg.steps:
+        fitter = self._fitter("vae")
+        while self.state.step < self.stage_steps("vae"):
             if should_pause():
                 return True
             host, gen = step_generators(self.config.seed, "vae", self.state.step, self.device)
             x = to_model_range(self._batch(host, gen, cfg.batch_size, crop=cfg.crop_size))
-            _set_lr(self.optimizer, lr_at(self.state.step, cfg.steps, cfg.learning_rate, cfg.warmup_steps))
+            _set_lr(self.optimizer, lr_at(self.state.step, self.stage_steps("vae"), cfg.learning_rate,
+                                          cfg.warmup_steps))
             with self._autocast():
                 posterior = self.vae.encode(x).latent_dist
                 recon = self.vae.decode(posterior.sample(generator=gen)).sample.float()
@@ -183,6 +218,7 @@ class Pretrainer:
                 loss = loss + cfg.perceptual_weight * F.mse_loss(perceptual(recon), perceptual(x))
             self._optimize(loss, params)
             self._after_step("vae", {"loss": loss.detach(), "l1": rec_loss.detach(), "kl": kl.detach()})
+            fitter = self._plan("vae", fitter)
         self.vae.eval()
         return False
 
@@ -209,7 +245,8 @@ class Pretrainer:
         model = torch.compile(self.unet) if self.config.compile else self.unet
         self.unet.train()
         scale = self.vae.config.scaling_factor
-        while self.state.step < cfg.steps:
+        fitter = self._fitter("unet")  # made after the latent cache, whose time the budget has paid
+        while self.state.step < self.stage_steps("unet"):
             if should_pause():
                 break
             _, gen = step_generators(self.config.seed, "unet", self.state.step, self.device)
@@ -223,7 +260,8 @@ class Pretrainer:
             cond = torch.where(drop[:, None, None], empty, text[latent_set.label[index]])
             noisy = self.scheduler.add_noise(latents, noise, timesteps)
             target = diffusion_target(self.scheduler, latents, noise, timesteps, cfg.prediction_type)
-            _set_lr(self.optimizer, lr_at(self.state.step, cfg.steps, cfg.learning_rate, cfg.warmup_steps))
+            _set_lr(self.optimizer, lr_at(self.state.step, self.stage_steps("unet"), cfg.learning_rate,
+                                          cfg.warmup_steps))
             with self._autocast():
                 pred = model(noisy, timesteps, encoder_hidden_states=cond).sample.float()
             per_sample = (pred - target).square().mean(dim=(1, 2, 3))
@@ -233,6 +271,7 @@ class Pretrainer:
                 self.ema.step(params)
                 self.state.ema_step = self.ema.optimization_step
             self._after_step("unet", {"loss": loss.detach()})
+            fitter = self._plan("unet", fitter)
             if self.config.sample_every and self.state.step % self.config.sample_every == 0:
                 self.evaluate(tag=f"step-{self.state.global_step:06d}")
 
@@ -275,7 +314,7 @@ class Pretrainer:
             if not all(map(math.isfinite, values.values())):
                 raise FloatingPointError(f"non-finite loss at {stage} step {self.state.step} ({values}); lower "
                                          "the learning rate or use mixed_precision no")
-            total = getattr(self.config, stage).steps
+            total = self.stage_steps(stage)
             shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
             self.log(f"{stage} step {self.state.step}/{total} {shown} lr {self.optimizer.param_groups[0]['lr']:.3g}")
             self._append_metrics({"stage": stage, "step": self.state.step, "global_step": self.state.global_step,
@@ -297,6 +336,9 @@ class Pretrainer:
         return tensors
 
     def _save(self) -> Path | None:
+        now = time.monotonic()
+        self.state.elapsed_s += now - self._clock
+        self._clock = now
         if self._saved_at == self.state.global_step:
             return None
         folder = ckpt.save_checkpoint(
@@ -392,21 +434,24 @@ class Pretrainer:
         from lesiongen.diffusion.pretrain.run import write_pipeline_into
 
         self._save()
+        trained_s = self.state.elapsed_s
+        budget = self.config.time_budget_minutes
+        self.log(f"trained for {trained_s / 60:.2f} min" + (f" (time budget {budget} min)" if budget else ""))
         record = self.evaluate(tag="final")
         with self._ema_weights():
             modules = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
             if self.config.save_dtype == "float16":
                 modules = {name: copy.deepcopy(m).half() for name, m in modules.items()}
             pipe = pipeline_from_components({**modules, "tokenizer": self.tokenizer, "scheduler": self.scheduler})
-            write_pipeline_into(pipe, self.out, self._provenance(record))
+            write_pipeline_into(pipe, self.out, self._provenance(record, trained_s))
         self.log(f"wrote the pretrained base to {self.out}")
         return PretrainResult(self.out, True, self.state.global_step, record)
 
-    def _provenance(self, record: dict) -> dict:
+    def _provenance(self, record: dict, trained_s: float) -> dict:
         fidelity = (record.get("class_fidelity") or {}).get("overall")
         summary = (f"pretrained by lesiongen from preset '{self.preset.name}' at {self.preset.resolution} px on "
-                   f"{len(self.data)} images of {self.manifest.name} ({self.config.vae.steps} VAE + "
-                   f"{self.config.unet.steps} UNet steps)")
+                   f"{len(self.data)} images of {self.manifest.name} ({self.stage_steps('vae')} VAE + "
+                   f"{self.stage_steps('unet')} UNet steps)")
         if fidelity is not None:
             summary += f"; class fidelity {fidelity:.3f}"
         return {
@@ -414,7 +459,8 @@ class Pretrainer:
             "resolution": self.preset.resolution, "manifest": str(self.manifest),
             "manifest_sha256": self.data.manifest_sha256, "split": self.config.split, "classes": self.data.classes,
             "class_prompts": dict(zip(self.data.classes, self.class_prompts)), "num_images": len(self.data),
-            "steps": {"vae": self.config.vae.steps, "unet": self.config.unet.steps},
+            "steps": {"vae": self.stage_steps("vae"), "unet": self.stage_steps("unet")},
+            "training_minutes": round(trained_s / 60, 2),
             "latent_scaling_factor": self.vae.config.scaling_factor,
             "prediction_type": self.config.unet.prediction_type, "final_samples": record,
             "config": dataclasses.asdict(self.config),
