@@ -8,7 +8,8 @@ Inversion (ANCHORS.md: 6.08 img/s at batch 32 on an H100):
              `DDIMInverseScheduler` calling the UNet on the conditional batch (what the deprecated
              diffusers inversion pipelines and most scripts do);
 - lesiongen: `lesiongen.synthesis.inversion.invert` after `optimize_for_inference` (fused QKV,
-             channels-last), prompt embeddings from the run's cache; optionally `torch.compile`d.
+             channels-last), prompt embeddings from the run's cache; optionally `torch.compile`d. A
+             "contiguous" row runs it without channels-last, to tell the layout's cost from the rest.
 
 Variants (ANCHORS.md: about 0.35 s per variant = a 50-step inversion + img2img at strength 0.6 with CFG):
 - plain:     every variant pays its own inversion, then diffusers-style img2img (batched CFG, re-noise
@@ -177,6 +178,16 @@ def main() -> None:
 
     optimize_for_inference(pipe, fuse=True, compile=False)
     ours = Ours(pipe, args)
+    # Eager lesiongen trailed plain in fp16 on the GPU (0.85x): is it the channels-last layout (CUDA only)?
+    for module in (pipe.unet, pipe.vae):
+        module.to(memory_format=torch.contiguous_format)
+    rows.append(("inversion", "lesiongen, contiguous", timed(lambda: ours.invert(images, prompts), 1,
+                                                             args.repeats), b))
+    rows.append(("variant", "lesiongen, contiguous", timed(lambda: ours.variants(images, prompts), 1,
+                                                           args.repeats), b * args.variants))
+    if dev.type == "cuda":
+        for module in (pipe.unet, pipe.vae):
+            module.to(memory_format=torch.channels_last)  # back to what optimize_for_inference ships
     rows.append(("inversion", "lesiongen", timed(lambda: ours.invert(images, prompts), 1, args.repeats), b))
     rows.append(("variant", "lesiongen", timed(lambda: ours.variants(images, prompts), 1, args.repeats),
                  b * args.variants))
