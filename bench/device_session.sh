@@ -11,7 +11,7 @@
 #   mode        carry                                    what, and its time on an H100/H200
 #   throughput  .devcache/derm-dev.zip                   #3 data pipeline vs synthetic-tensor ceiling (~60 s)
 #   generation  .whl                                     #4 txt2img at batch 8: plain, eager, compiled (~4 min)
-#   ti          .whl                                     #4 textual-inversion rows beside the script-like loop (~3 min)
+#   ti          .whl                                     #4 textual-inversion rows beside the script-like loop (~4 min)
 #   finetune    .whl .devcache/derm-dev.zip              #4 LoRA+TI finetune of the demo base on derm-dev + grid (~150 s)
 #   inversion   .whl                                     #5 inversion + variants at batch 32, eager and compiled (~5 min)
 #   pretrain    .whl .devcache/pretrain                  #8 the derm-dev base in a 7-minute budget, judged (~9 min)
@@ -73,7 +73,7 @@ run_mode() {
         ;;
     ti)
         install_wheels || return 1
-        step 240 diffusion_training_ti python3 bench/diffusion_training.py --skip-lora --steps 15 --warmup 5 \
+        step 280 diffusion_training_ti python3 bench/diffusion_training.py --skip-lora --steps 15 --warmup 5 \
             --images 128 --workdir $work
         ;;
     inversion)
