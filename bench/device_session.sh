@@ -13,7 +13,7 @@
 #   generation  .whl                                     #4 txt2img at batch 8: plain, eager, compiled (~4 min)
 #   ti          .whl                                     #4 textual-inversion rows beside the script-like loop (~4 min)
 #   finetune    .whl .devcache/derm-dev.zip              #4 LoRA+TI finetune of the demo base on derm-dev + grid (~150 s)
-#   inversion   .whl                                     #5 inversion + variants at batch 32, eager and compiled (~5 min)
+#   inversion   .whl                                     #5 inversion + variants at batch 32: eager, compiled, cached (~8 min)
 #   pretrain    .whl .devcache/pretrain                  #8 the derm-dev base in a 7-minute budget, judged (~9 min)
 #   speed       .whl                                     the 2026-11-26 set: LoRA training, generation, inversion at batch 8
 #   classifier  .devcache/derm-dev.zip .devcache/weights derm-dev recipe (~150 s), throughput (~60 s), `-m gpu` tests
@@ -78,7 +78,7 @@ run_mode() {
         ;;
     inversion)
         install_wheels || return 1
-        step 420 inversion_variants python3 bench/inversion_variants.py --batch-size 32 --variants 4 --repeats 1 --compile
+        step 540 inversion_variants python3 bench/inversion_variants.py --batch-size 32 --variants 4 --repeats 1 --compile
         ;;
     speed)
         install_wheels || return 1

@@ -9,7 +9,9 @@ Inversion (ANCHORS.md: 6.08 img/s at batch 32 on an H100):
              diffusers inversion pipelines and most scripts do);
 - lesiongen: `lesiongen.synthesis.inversion.invert` after `optimize_for_inference` (fused QKV,
              channels-last), prompt embeddings from the run's cache; optionally `torch.compile`d. A
-             "contiguous" row runs it without channels-last, to tell the layout's cost from the rest.
+             "contiguous" row runs it without channels-last, to tell the layout's cost from the rest;
+             "feature cache N" rows recompute the deep UNet features every N steps (DeepCache,
+             `mine-and-generate --feature-cache N`), an approximation: tests/test_synthesis_feature_cache.py.
 
 Variants (ANCHORS.md: about 0.35 s per variant = a 50-step inversion + img2img at strength 0.6 with CFG):
 - plain:     every variant pays its own inversion, then diffusers-style img2img (batched CFG, re-noise
@@ -51,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--variants", type=int, default=4, help="variants per source image (lesiongen)")
     parser.add_argument("--repeats", type=int, default=2, help="timed batches per pattern")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd UNet")
+    parser.add_argument("--feature-cache", type=int, default=2,
+                        help="also time DeepCache with this interval (compiled with --compile); 1: skip")
     parser.add_argument("--smoke", action="store_true", help="tiny base, CPU, a few steps")
     args = parser.parse_args()
     if args.smoke:
@@ -108,13 +112,14 @@ def plain_img2img(pipe, images: torch.Tensor, prompts: list[str], steps: int, st
 class Ours:
     """The same work `mine-and-generate` does on a batch, through the library functions it uses."""
 
-    def __init__(self, pipe, args: argparse.Namespace) -> None:
+    def __init__(self, pipe, args: argparse.Namespace, unet=None) -> None:
         from lesiongen.synthesis.conditioning import PromptCache
         from lesiongen.synthesis.inversion import DDIMSchedule, InversionConfig
         from lesiongen.synthesis.latents import pipeline_resolution
         from lesiongen.synthesis.variants import VariantConfig
 
         self.pipe, self.args = pipe, args
+        self.unet = unet if unet is not None else pipe.unet
         self.schedule = DDIMSchedule(pipe.scheduler.config, args.steps, pipe.device)
         self.cache = PromptCache(pipe, pipe.device)
         self.resolution = pipeline_resolution(pipe)
@@ -130,7 +135,7 @@ class Ours:
         pixels = to_model_pixels(images, self.resolution, device=self.pipe.device, dtype=self.pipe.unet.dtype)
         latents = encode(self.pipe.vae, pixels)
         cond, uncond = self.cache(prompts), self.cache([""] * len(prompts))
-        return invert(self.pipe.unet, self.schedule, latents, cond, uncond, self.inversion_config,
+        return invert(self.unet, self.schedule, latents, cond, uncond, self.inversion_config,
                       sampling_guidance=sampling_guidance, depth=depth)
 
     @torch.no_grad()
@@ -141,9 +146,9 @@ class Ours:
         # as mine-and-generate does: invert only up to where the variants start
         depth = self.schedule.level_for_strength(self.args.strength)
         inversion = self.invert(images, prompts, self.args.guidance, depth)
-        measure_round_trip(self.pipe.unet, self.pipe.vae, self.schedule, inversion, images)
+        measure_round_trip(self.unet, self.pipe.vae, self.schedule, inversion, images)
         seeds = [variant_seed(0, f"image-{i}", k) for i in range(len(images)) for k in range(self.args.variants)]
-        return sample_variants(self.pipe.unet, self.pipe.vae, self.schedule, inversion, self.variant_config, seeds=seeds)
+        return sample_variants(self.unet, self.pipe.vae, self.schedule, inversion, self.variant_config, seeds=seeds)
 
 
 def main() -> None:
@@ -196,6 +201,14 @@ def main() -> None:
         ours = Ours(pipe, args)
         rows.append(("inversion", "lesiongen + compile", timed(lambda: ours.invert(images, prompts), 2, args.repeats), b))
         rows.append(("variant", "lesiongen + compile", timed(lambda: ours.variants(images, prompts), 1, args.repeats),
+                     b * args.variants))
+    if args.feature_cache > 1:
+        from lesiongen.synthesis.feature_cache import FeatureCachedUNet
+
+        cached = Ours(pipe, args, FeatureCachedUNet(pipe.unet, args.feature_cache, compile=args.compile))
+        name = f"lesiongen + feature cache {args.feature_cache}" + (" + compile" if args.compile else "")
+        rows.append(("inversion", name, timed(lambda: cached.invert(images, prompts), 2, args.repeats), b))
+        rows.append(("variant", name, timed(lambda: cached.variants(images, prompts), 1, args.repeats),
                      b * args.variants))
     report(rows)
 

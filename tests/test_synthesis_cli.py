@@ -221,3 +221,26 @@ def test_two_processes_make_the_same_images_as_one(made, toy_manifest, tiny_pipe
     assert json.loads((two / "summary.json").read_text())["processes"] == 2
     for image in single["image"]:
         assert (one / image).read_bytes() == (two / image).read_bytes()
+
+
+def test_feature_cache_is_recorded_and_part_of_the_recipe(made, toy_manifest, tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "cached"
+    args = [*common(made, toy_manifest, tiny_pipeline_dir, out), "--max-cases", "2", "--no-memorization-filter",
+            *QUICK]
+    cli(*args, "--feature-cache", "2")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scheduler"].endswith("deep features recomputed every 2 steps (DeepCache)")
+    assert (pd.read_csv(out / "candidates.csv")["scheduler"] == summary["scheduler"]).all()
+    changed = cli(*args, "--feature-cache", "3", expect=2)  # it changes the images: not a resume
+    assert "feature_cache differ" in changed.output
+
+    # a run made before the setting existed (no key in its config.yaml) resumes with the default
+    plain = tmp_path / "plain"
+    plain_args = [*common(made, toy_manifest, tiny_pipeline_dir, plain), "--max-cases", "1",
+                  "--no-memorization-filter", *QUICK]
+    cli(*plain_args)
+    config = yaml.safe_load((plain / "config.yaml").read_text())
+    del config["feature_cache"]
+    (plain / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    cli(*plain_args)
+    assert "feature_cache" in yaml.safe_load((plain / "config.yaml").read_text())

@@ -32,6 +32,7 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from lesiongen.synthesis.conditioning import Conditioning, predict_noise
+from lesiongen.synthesis.feature_cache import cached_steps
 from lesiongen.synthesis.latents import decode_to_uint8, psnr, ssim
 
 # Called after the model output of a sampling step, before the scheduler step; returns a corrected output
@@ -138,6 +139,13 @@ def ddim_invert(unet, schedule: DDIMSchedule, latents: torch.Tensor, conditionin
     depth = schedule.steps if depth is None else depth
     if not 1 <= depth <= schedule.steps:
         raise ValueError(f"inversion depth must be in [1, {schedule.steps}], got {depth}")
+    with cached_steps(unet):
+        return _invert_levels(unet, schedule, latents, conditioning, fixed_point_iterations, fixed_point_tolerance,
+                              depth)
+
+
+def _invert_levels(unet, schedule: DDIMSchedule, latents: torch.Tensor, conditioning: Conditioning,
+                   fixed_point_iterations: int, fixed_point_tolerance: float, depth: int) -> list[torch.Tensor]:
     levels = [latents]
     for j, timestep in enumerate(schedule.inverter.timesteps[:depth]):
         lower, step = levels[-1], schedule.steps - 1 - j
@@ -166,7 +174,7 @@ def ddim_sample(unet, schedule: DDIMSchedule, latents: torch.Tensor, conditionin
                 start_step: int = 0, correction: NoiseCorrection | None = None) -> torch.Tensor:
     """Sampling steps start_step..n-1 from `latents` (at level n - start_step) down to a clean latent.
     Gradients are off unless a correction needs them (it enables them itself)."""
-    with torch.no_grad():
+    with torch.no_grad(), cached_steps(unet):
         for step in range(start_step, schedule.steps):
             latents = _unet_step(unet, schedule.sampler, latents, schedule.timesteps[step], conditioning, step,
                                  correction)

@@ -8,6 +8,7 @@ run, make the same images. The main process then joins the records into the synt
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ class SynthesisConfig:
     batch_size: int = 8  # source images per batch (variants multiply it)
     dtype: str = "auto"  # auto: fp16 on CUDA (inversion is more exact than in bf16), fp32 on CPU
     compile: bool = False  # torch.compile the UNet (pays off for long runs on a GPU)
+    # DDIM loops recompute the UNet's deep features only every N-th step (DeepCache; feature_cache.py):
+    # 1 = exact; 2 or 3 trade some round-trip fidelity (reported per image) for speed
+    feature_cache: int = 1
     save_rejected: bool = True  # keep dropped variants under rejected/ for inspection
     allow_pickle: bool = False
     cache_dir: str | None = None  # decoded-image cache for the memorisation index
@@ -73,6 +77,9 @@ class SynthesisConfig:
             raise ValueError(f"dtype must be one of {['auto', *DTYPES]}, got '{self.dtype}'")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.feature_cache < 1:
+            raise ValueError(f"feature_cache must be >= 1 (1: every step runs the whole UNet), "
+                             f"got {self.feature_cache}")
         if self.inversion.null_text_steps and self.variants.guidance == 1.0:
             raise ValueError("null-text optimisation only matters with classifier-free guidance: "
                              "set --guidance above 1 or --null-text-steps 0")
@@ -121,6 +128,12 @@ class Generator:
 
         return generator_hash(self.base_hash, self.adapter_hash)
 
+    def describe_sampler(self) -> str:
+        """The schedule, and the feature cache when there is one (every output row carries this)."""
+        interval = getattr(self.unet, "interval", None)
+        suffix = f"; deep features recomputed every {interval} steps (DeepCache)" if interval else ""
+        return self.schedule.describe() + suffix
+
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
@@ -155,6 +168,7 @@ def load_generator(config: SynthesisConfig, device: torch.device, identity: tupl
     from lesiongen.data.prompts import load_prompts
     from lesiongen.diffusion.adapters import AdapterInfo, load_adapted_pipeline
     from lesiongen.diffusion.generate import optimize_for_inference
+    from lesiongen.synthesis.feature_cache import FeatureCachedUNet
     from lesiongen.synthesis.latents import pipeline_resolution
 
     base_hash, adapter_digest = identity
@@ -165,8 +179,10 @@ def load_generator(config: SynthesisConfig, device: torch.device, identity: tupl
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)  # only embeddings are ever optimised here
-    optimize_for_inference(pipe, fuse=True, compile=config.compile)
-    return Generator(pipe, pipe.unet, DDIMSchedule(pipe.scheduler.config, config.inversion.steps, device),
+    cached = config.feature_cache > 1
+    optimize_for_inference(pipe, fuse=True, compile=config.compile and not cached)
+    unet = FeatureCachedUNet(pipe.unet, config.feature_cache, compile=config.compile) if cached else pipe.unet
+    return Generator(pipe, unet, DDIMSchedule(pipe.scheduler.config, config.inversion.steps, device),
                      load_prompts(prompt_file), pipeline_resolution(pipe), device, dtype, base_hash, adapter_digest,
                      PromptCache(pipe, device))
 
@@ -243,8 +259,11 @@ def prepare_output(out: Path, resolved: dict, overwrite: bool) -> None:
                                     "pass --overwrite or choose another --out")
         else:
             previous = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+            # a setting newer than the run's config.yaml had its default then (runs of older versions resume)
+            defaults = {f.name: f.default for f in dataclasses.fields(SynthesisConfig)
+                        if f.default is not dataclasses.MISSING}
             changed = sorted(k for k in set(previous) | set(resolved)
-                             if k not in EXECUTION_KEYS and previous.get(k) != resolved.get(k))
+                             if k not in EXECUTION_KEYS and previous.get(k, defaults.get(k)) != resolved.get(k))
             if changed:
                 raise OutputExistsError(f"{out} holds a run with other settings ({', '.join(changed)} differ); "
                                         "pass --overwrite to replace it or choose another --out")
@@ -305,7 +324,7 @@ def run_summary(config: SynthesisConfig, mined: MiningResult, generator: Generat
         "strength": config.variants.strength,
         "variants_per_image": config.variants.per_image,
         "inversion_depth": inversion_depth(config, generator.schedule),
-        "scheduler": generator.schedule.describe(),
+        "scheduler": generator.describe_sampler(),
         "resolution": generator.resolution,
         "base_hash": generator.base_hash,
         "adapter_hash": generator.adapter_hash,
@@ -370,7 +389,7 @@ def process_batch(batch: pd.DataFrame, manifest, config: SynthesisConfig, genera
             "reconstruction": reconstruction,
             "method": vcfg.method, "strength": vcfg.strength, "renoise": vcfg.renoise, "guidance": vcfg.guidance,
             "lambda": vcfg.embedding_lambda if vcfg.method == "embedding" else None,
-            "scheduler": g.schedule.describe(), "base_hash": g.base_hash, "adapter_hash": g.adapter_hash,
+            "scheduler": g.describe_sampler(), "base_hash": g.base_hash, "adapter_hash": g.adapter_hash,
             "generator_hash": g.generator_hash, "variants": variants,
         })
     return records
