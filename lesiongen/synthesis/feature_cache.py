@@ -4,8 +4,8 @@ Neighbouring denoising steps change the UNet's low-resolution, high-level featur
 `interval`-th call runs the whole UNet and keeps the input of its last up block; the calls between run
 only the full-resolution ends (`conv_in`, the first down block's layers without its downsampler, the
 last up block, `conv_out`) and take the deep part from the kept tensor. At SD-1.5 shapes those ends are
-about a third of the work, so an interval of 2 saves about a third of it and 3 about 45 %, at some cost
-in fidelity that the round-trip PSNR of every inverted image makes visible.
+29 % of the FLOPs, so an interval of 2 saves about 35 % of them and 3 about 47 %, at some cost in
+fidelity that the round-trip PSNR of every inverted image makes visible (bench/RESULTS.md).
 
 `FeatureCachedUNet` stands in for the UNet wherever the synthesis code calls it, but caches only inside
 `cached_steps(unet)`, which the DDIM loops (inversion, sampling) enter: each loop starts from a full pass,

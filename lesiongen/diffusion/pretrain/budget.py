@@ -21,7 +21,7 @@ TIMED_STEPS = 20  # the stretch whose mean step time plans the rest
 
 @dataclass
 class StageFitter:
-    """Plans `stage` to end `seconds_left` after the timing starts (or at `max_steps`, if sooner)."""
+    """Plans a stage to end `seconds_left` after this fitter is made (or at `max_steps`, if sooner)."""
 
     max_steps: int
     seconds_left: float
