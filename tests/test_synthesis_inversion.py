@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from synthesis_support import toy_batch
 
-from lesiongen.data.images import load_uint8
-from lesiongen.data.manifest import load_manifest
-from lesiongen.synthesis.conditioning import Conditioning, PromptCache
+from lesiongen.synthesis.conditioning import Conditioning
 from lesiongen.synthesis.inversion import (DDIMSchedule, InversionConfig, ddim_sample, invert, measure_round_trip,
                                            optimize_null_text)
-from lesiongen.synthesis.latents import encode, pipeline_resolution, to_model_pixels
 from lesiongen.synthesis.variants import (ClassifierGuidance, VariantConfig, fit_image_embeddings, sample_variants,
                                           start_latents, variant_seed)
 
@@ -46,14 +44,7 @@ def pipe(tiny_pipeline_dir):
 @pytest.fixture(scope="module")
 def batch(pipe, toy_manifest):
     """Two real toy images (mel, nv) at the pipeline's size, their latents and class prompts."""
-    manifest = load_manifest(toy_manifest)
-    rows = [manifest.df[manifest.df["label"] == label].index[0] for label in ("mel", "nv")]
-    size = pipeline_resolution(pipe)
-    images = load_uint8([manifest.image_paths()[i] for i in rows], size)
-    latents = encode(pipe.vae, to_model_pixels(images, size, device="cpu"))
-    cache = PromptCache(pipe, "cpu")
-    cond = cache(["a dermoscopy image of <derm-mel> melanoma", "a dermoscopy image of <derm-nv> melanocytic nevus"])
-    return images, latents, cond, cache(["", ""])
+    return toy_batch(pipe, toy_manifest)
 
 
 @pytest.fixture(scope="module")
