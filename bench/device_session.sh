@@ -17,6 +17,9 @@
 #   pretrain    .whl .devcache/pretrain                  #8 the derm-dev base in a 7-minute budget, judged (~9 min)
 #   speed       .whl                                     the 2026-11-26 set: LoRA training, generation, inversion at batch 8
 #   classifier  .devcache/derm-dev.zip .devcache/weights derm-dev recipe (~150 s), throughput (~60 s), `-m gpu` tests
+#   loop        .whl .devcache/weights .devcache/pretrain/derm-dev-64.zip
+#                                                        #6 configs/derm-dev-small.yaml, one round, sized to the
+#                                                        device (untimed; a second call resumes it if /tmp was kept)
 #
 # e.g. `throughput generation ti` with carry [".whl", ".devcache/derm-dev.zip"] fits one 600 s call.
 # `.whl` holds diffusers and open_clip (9 MB); add ".whl-peft" to any carry to run with the peft the tests
@@ -85,6 +88,16 @@ run_mode() {
         step 240 diffusion_training python3 bench/diffusion_training.py --steps 15 --warmup 5 --images 128 --workdir $work
         step 100 generation python3 bench/generation.py --batch-sizes 8 --repeats 2 --no-compile --workdir $work
         step 120 inversion_variants python3 bench/inversion_variants.py --batch-size 8 --variants 2 --repeats 1
+        ;;
+    loop)
+        install_wheels && unzip_once .devcache/pretrain/derm-dev-64.zip .dd/derm-dev-64 || return 1
+        # The shipped study, sized to one device call: derm-dev's 64 px copy (the 128 px zip, the wheels and
+        # the ImageNet weights together pass the 64 MiB), a 3-minute base, 10-epoch classifiers, no Inception
+        # FID (its weights do not fit either). Report every one of these with the numbers.
+        step 560 loop python3 bench/device_loop.py --config derm-dev-small --out $work/loop-run --copy-to "$out/loop" \
+            --set data.source=.dd/derm-dev-64 --set classifier.load_size=64 \
+            --set base.pretrain.time_budget_minutes=${LOOP_PRETRAIN_BUDGET:-3} \
+            --set classifier.epochs=${LOOP_EPOCHS:-10} --set quality.inception_feature=null
         ;;
     classifier)
         unzip_once .devcache/derm-dev.zip .dd/derm-dev || return 1
