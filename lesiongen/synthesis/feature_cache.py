@@ -102,9 +102,8 @@ class FeatureCachedUNet(torch.nn.Module):
     def _last_level(self, deep: torch.Tensor, emb: torch.Tensor, states: torch.Tensor,
                     skips: list[torch.Tensor]) -> torch.Tensor:
         unet, block = self.unet, self.unet.up_blocks[-1]
-        kwargs = {"encoder_hidden_states": states} if getattr(block, "has_cross_attention", False) else {}
         hidden = block(hidden_states=deep, temb=emb, res_hidden_states_tuple=tuple(skips[-len(block.resnets):]),
-                       **kwargs)
+                       **_text(block, states))
         if unet.conv_norm_out is not None:
             hidden = unet.conv_act(unet.conv_norm_out(hidden))
         return unet.conv_out(hidden)
@@ -119,29 +118,26 @@ class FeatureCachedUNet(torch.nn.Module):
             hidden = downsampler(hidden)
         skips.append(hidden)
         for block in unet.down_blocks[1:]:
-            if getattr(block, "has_cross_attention", False):
-                hidden, res = block(hidden_states=hidden, temb=emb, encoder_hidden_states=states)
-            else:
-                hidden, res = block(hidden_states=hidden, temb=emb)
+            hidden, res = block(hidden_states=hidden, temb=emb, **_text(block, states))
             skips.extend(res)
         if unet.mid_block is not None:
-            if getattr(unet.mid_block, "has_cross_attention", False):
-                hidden = unet.mid_block(hidden, emb, encoder_hidden_states=states)
-            else:
-                hidden = unet.mid_block(hidden, emb)
+            hidden = unet.mid_block(hidden, emb, **_text(unet.mid_block, states))
         for block in unet.up_blocks[:-1]:
             res, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
             # the size each upsampler must reach: the next level's skip (odd latent sizes round down)
-            kwargs = {"upsample_size": skips[-1].shape[2:]}
-            if getattr(block, "has_cross_attention", False):
-                kwargs["encoder_hidden_states"] = states
-            hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=tuple(res), **kwargs)
+            hidden = block(hidden_states=hidden, temb=emb, res_hidden_states_tuple=tuple(res),
+                           upsample_size=skips[-1].shape[2:], **_text(block, states))
         return self._last_level(hidden, emb, states, skips), hidden
 
     def _shallow_pass(self, sample: torch.Tensor, timestep, states: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
         emb = self._embed(sample, timestep)
         _, skips = self._first_level(sample, emb, states)
         return self._last_level(deep, emb, states, skips)
+
+
+def _text(block: torch.nn.Module, states: torch.Tensor) -> dict:
+    """The text states, for the blocks that attend to them (diffusers' blocks without attention refuse them)."""
+    return {"encoder_hidden_states": states} if getattr(block, "has_cross_attention", False) else {}
 
 
 @contextlib.contextmanager

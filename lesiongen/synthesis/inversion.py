@@ -139,29 +139,23 @@ def ddim_invert(unet, schedule: DDIMSchedule, latents: torch.Tensor, conditionin
     depth = schedule.steps if depth is None else depth
     if not 1 <= depth <= schedule.steps:
         raise ValueError(f"inversion depth must be in [1, {schedule.steps}], got {depth}")
-    with cached_steps(unet):
-        return _invert_levels(unet, schedule, latents, conditioning, fixed_point_iterations, fixed_point_tolerance,
-                              depth)
-
-
-def _invert_levels(unet, schedule: DDIMSchedule, latents: torch.Tensor, conditioning: Conditioning,
-                   fixed_point_iterations: int, fixed_point_tolerance: float, depth: int) -> list[torch.Tensor]:
     levels = [latents]
-    for j, timestep in enumerate(schedule.inverter.timesteps[:depth]):
-        lower, step = levels[-1], schedule.steps - 1 - j
-        upper = _unet_step(unet, schedule.inverter, lower, timestep, conditioning, step)
-        active = torch.ones(len(upper), dtype=torch.bool, device=upper.device)
-        for _ in range(fixed_point_iterations):
-            refined = schedule.inverter.step(predict_noise(unet, upper, timestep, conditioning, step), timestep, lower,
-                                             return_dict=False)[0]
-            change = _relative_rms(refined - upper, upper)
-            # Converged images stop moving, so how often an image is refined depends on it alone, not on
-            # the rest of its batch (a resumed or resharded run makes the same trajectory).
-            upper = torch.where(active[:, None, None, None], refined, upper)
-            active &= change >= fixed_point_tolerance
-            if not active.any():
-                break
-        levels.append(upper)
+    with cached_steps(unet):
+        for j, timestep in enumerate(schedule.inverter.timesteps[:depth]):
+            lower, step = levels[-1], schedule.steps - 1 - j
+            upper = _unet_step(unet, schedule.inverter, lower, timestep, conditioning, step)
+            active = torch.ones(len(upper), dtype=torch.bool, device=upper.device)
+            for _ in range(fixed_point_iterations):
+                output = predict_noise(unet, upper, timestep, conditioning, step)
+                refined = schedule.inverter.step(output, timestep, lower, return_dict=False)[0]
+                change = _relative_rms(refined - upper, upper)
+                # Converged images stop moving, so how often an image is refined depends on it alone, not on
+                # the rest of its batch (a resumed or resharded run makes the same trajectory).
+                upper = torch.where(active[:, None, None, None], refined, upper)
+                active &= change >= fixed_point_tolerance
+                if not active.any():
+                    break
+            levels.append(upper)
     return levels
 
 
