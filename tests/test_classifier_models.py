@@ -15,7 +15,7 @@ from lesiongen.classifier.models import (
     load_classifier,
     save_classifier,
 )
-from lesiongen.classifier.predict import extract_features, predict_proba
+from lesiongen.classifier.predict import extract_features, predict_proba, predict_proba_and_features
 from lesiongen.errors import InputError
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
@@ -134,3 +134,14 @@ def test_dihedral_tta_is_invariant_to_rotating_and_flipping_the_input():
     assert torch.allclose(probs, predict_proba(model, info, images.flip(2)), atol=1e-5)
     plain = ClassifierInfo("test_efficientnet", CLASSES, 32, (0.5,) * 3, (0.5,) * 3, tta="none")
     assert not torch.allclose(predict_proba(model, plain, images), predict_proba(model, plain, images.flip(2)), atol=1e-5)
+
+
+@pytest.mark.parametrize("tta", ["none", "flip", "dihedral"])
+def test_probabilities_and_features_from_one_pass_equal_the_two_separate_calls(tta):
+    model = trained_like_model(seed=2)
+    info = ClassifierInfo("test_efficientnet", CLASSES, 32, (0.5,) * 3, (0.5,) * 3, tta=tta)
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    probs, features = predict_proba_and_features(model, info, images, batch_size=2)
+    assert torch.allclose(probs, predict_proba(model, info, images), atol=1e-6)
+    assert torch.allclose(features, extract_features(model, info, images), atol=1e-6)
+    assert features.shape == (5, model.num_features)

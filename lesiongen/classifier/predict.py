@@ -52,6 +52,23 @@ def forward_features(model: nn.Module, info: ClassifierInfo, images_uint8: Tenso
         return model.forward_head(model.forward_features(x), pre_logits=True).float()
 
 
+@torch.no_grad()
+def forward_probs_and_features(model: nn.Module, info: ClassifierInfo, images_uint8: Tensor) -> tuple[Tensor, Tensor]:
+    """`forward_probs` and `forward_features` of one batch from one backbone pass over the first view.
+
+    Both heads read the same feature map, so the results equal the two separate calls; only the
+    further test-time views need passes of their own.
+    """
+    device = _device_of(model)
+    views = tta_views(prepare(images_uint8, info, device), info.tta)
+    with inference_autocast(device):
+        feature_map = model.forward_features(views[0])
+        features = model.forward_head(feature_map, pre_logits=True).float()
+        logits = [model.forward_head(feature_map)] + [model(view) for view in views[1:]]
+        probs = torch.stack([x.float().softmax(dim=1) for x in logits]).mean(dim=0)
+    return probs, features
+
+
 def predict_proba(model: nn.Module, info: ClassifierInfo, images_uint8: Tensor, batch_size: int = 256) -> Tensor:
     """(N, C) class probabilities on the CPU, in `info.classes` order."""
     return _batched(forward_probs, model, info, images_uint8, batch_size)
@@ -62,14 +79,23 @@ def extract_features(model: nn.Module, info: ClassifierInfo, images_uint8: Tenso
     return _batched(forward_features, model, info, images_uint8, batch_size)
 
 
-def _batched(fn, model: nn.Module, info: ClassifierInfo, images_uint8: Tensor, batch_size: int) -> Tensor:
+def predict_proba_and_features(model: nn.Module, info: ClassifierInfo, images_uint8: Tensor,
+                               batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """(N, C) probabilities and (N, D) features on the CPU, for the cost of `predict_proba` alone."""
+    return _batched(forward_probs_and_features, model, info, images_uint8, batch_size)
+
+
+def _batched(fn, model: nn.Module, info: ClassifierInfo, images_uint8: Tensor, batch_size: int):
+    """`fn` over batches, concatenated on the CPU; a tuple of tensors for an `fn` that returns one."""
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([fn(model, info, images_uint8[i:i + batch_size]).cpu()
-                          for i in range(0, len(images_uint8), batch_size)])
+        parts = [fn(model, info, images_uint8[i:i + batch_size]) for i in range(0, len(images_uint8), batch_size)]
     finally:
         model.train(was_training)
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat([part[k].cpu() for part in parts]) for k in range(len(parts[0])))
+    return torch.cat([part.cpu() for part in parts])
 
 
 class IndexDataset(Dataset):

@@ -211,12 +211,12 @@ def load_image_set(manifest: Manifest, size: int, *, classes: list[str], sizes: 
 
 @dataclass
 class FeatureSpace:
-    """A named feature extractor; `probs` is set for classifiers (class fidelity)."""
+    """A named feature extractor: `extract(images)` gives {'features'} and, for classifiers (`classes` set),
+    {'probs'} too, from one pass of the network."""
 
     name: str
     description: dict
-    features: object  # Callable[[Tensor], Tensor]
-    probs: object | None = None  # Callable[[Tensor], Tensor] | None
+    extract: object  # Callable[[Tensor], dict[str, Tensor]]
     classes: list[str] | None = None
 
 
@@ -230,13 +230,13 @@ def inception_space(feature: int, *, batch_size: int, device: str) -> FeatureSpa
         description={"name": EXTRACTOR_NAME, "layer": feature, "feature_dim": feature,
                      "weights_sha256": record["sha256"], "source": record["source"],
                      "input": "resized to 299x299 inside the network (bilinear, antialiased: torchmetrics' default)"},
-        features=lambda images: extract_inception_features(images, feature, batch_size=batch_size, device=device),
+        extract=lambda images: {"features": extract_inception_features(images, feature, batch_size=batch_size,
+                                                                       device=device)},
     )
 
 
 def classifier_space(classifier_dir: str | os.PathLike, *, batch_size: int, device: str) -> FeatureSpace:
     from lesiongen.classifier.models import MODEL_FILE, load_classifier
-    from lesiongen.classifier.predict import extract_features, predict_proba
 
     model, info = load_classifier(classifier_dir, device=device)
     return FeatureSpace(
@@ -245,10 +245,16 @@ def classifier_space(classifier_dir: str | os.PathLike, *, batch_size: int, devi
                      "arch": info.arch, "feature_dim": info.num_features or None, "img_size": info.img_size,
                      "tta_for_class_fidelity": info.tta, "weights_sha256": sha256_file(Path(classifier_dir) / MODEL_FILE),
                      "input": f"resized to {info.img_size}x{info.img_size} by the classifier (bilinear, antialiased)"},
-        features=lambda images: extract_features(model, info, images, batch_size=batch_size).to(torch.float64),
-        probs=lambda images: predict_proba(model, info, images, batch_size=batch_size),
+        extract=lambda images: _probs_and_features(model, info, images, batch_size),
         classes=list(info.classes),
     )
+
+
+def _probs_and_features(model, info, images: Tensor, batch_size: int) -> dict[str, Tensor]:
+    from lesiongen.classifier.predict import predict_proba_and_features
+
+    probs, features = predict_proba_and_features(model, info, images, batch_size=batch_size)
+    return {"features": features.to(torch.float64), "probs": probs}
 
 
 def feature_spaces(config: QualityConfig, classifier_dir: str | os.PathLike | None = None) -> list[FeatureSpace]:
@@ -280,9 +286,7 @@ def compute_features(image_set: ImageSet, space: FeatureSpace, cache_dir: Path) 
         cached = load_file(str(cache_file))
         if len(cached["features"]) == len(image_set):
             return cached
-    result = {"features": space.features(image_set.images).contiguous()}
-    if space.probs is not None:
-        result["probs"] = space.probs(image_set.images).contiguous()
+    result = {key: value.contiguous() for key, value in space.extract(image_set.images).items()}
     if cache_file is not None:
         with atomic_path(cache_file) as tmp:
             save_file(result, str(tmp))
@@ -374,7 +378,7 @@ def evaluate_images(real: ImageSet, synthetic: ImageSet, *, spaces: list[Feature
                             f"{overall[space_name]['feature_dim']} feature dimensions); compare them by KID")
 
     fidelity = None
-    classifier = next((space for space in spaces if space.probs is not None), None)
+    classifier = next((space for space in spaces if space.classes is not None), None)
     if classifier is not None:
         real_probs, synthetic_probs = features[classifier.name][0]["probs"], features[classifier.name][1]["probs"]
         fidelity = {"synthetic": class_fidelity(synthetic_probs, synthetic.labels, synthetic.classes, classifier.classes),

@@ -81,22 +81,18 @@ class VariantFilter:
     def size(self) -> int:
         return self.classifier[1].decode_size if self.classifier is not None else self.config.reference_size
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        from lesiongen.classifier.predict import extract_features
-
-        return extract_features(*self.classifier, images)
-
     def score(self, images: torch.Tensor, labels: list[str]) -> pd.DataFrame:
         """One row per image: scores, one 0/1 column per filter (`off_class`, `near_copy`), `keep` and a
         readable `reject_reason`."""
         images = resize_uint8(images, self.size)
         frame = pd.DataFrame(index=range(len(images)))
         reasons: list[list[str]] = [[] for _ in range(len(images))]
+        features = None
         if self.classifier is not None:
-            from lesiongen.classifier.predict import predict_proba
+            from lesiongen.classifier.predict import predict_proba_and_features
 
             model, info = self.classifier
-            probs = predict_proba(model, info, images)
+            probs, features = predict_proba_and_features(model, info, images)  # one pass for both filters
             index = torch.tensor([info.classes.index(label) for label in labels])
             frame["p_label"] = probs[torch.arange(len(images)), index].tolist()
             frame["pred"] = [info.classes[i] for i in probs.argmax(dim=1).tolist()]
@@ -105,7 +101,8 @@ class VariantFilter:
                 reasons[i].append(f"off-class: p({labels[i]}) = {frame.at[i, 'p_label']:.2f} "
                                   f"< {self.config.min_label_prob:g}")
         if self.memorization is not None:
-            features = self.features(images) if self.memorization.real_features is not None else None
+            # an index with real features was built from the same classifier (build_memorization_index)
+            features = features if self.memorization.real_features is not None else None
             found = self.memorization.query(images, features).to_frame(self.reference_ids)
             frame["nearest_train"] = found["nearest_real"]
             frame["phash_distance"] = found["phash_distance"]

@@ -21,14 +21,14 @@ class SampleJudge:
         self.real_features = extract_features(self.model, self.info, real_uint8).double().cpu()
 
     def __call__(self, samples_uint8: torch.Tensor, labels: torch.Tensor) -> dict:
-        from lesiongen.classifier.predict import extract_features, predict_proba
+        from lesiongen.classifier.predict import predict_proba_and_features
         from lesiongen.metrics.fid import fid_shortfall, frechet_distance
         from lesiongen.metrics.quality import class_fidelity
 
-        probs = predict_proba(self.model, self.info, samples_uint8).float().cpu()
-        result = {"class_fidelity": class_fidelity(probs, labels.cpu(), self.classes, list(self.info.classes)),
+        probs, fake = predict_proba_and_features(self.model, self.info, samples_uint8)
+        result = {"class_fidelity": class_fidelity(probs.float(), labels.cpu(), self.classes, list(self.info.classes)),
                   "num_samples": len(labels)}
-        fake = extract_features(self.model, self.info, samples_uint8).double().cpu()
+        fake = fake.double()
         shortfall = fid_shortfall(len(self.real_features), len(fake), fake.shape[1])
         result["domain_distance"] = None if shortfall else frechet_distance(self.real_features, fake)
         if shortfall:
