@@ -41,7 +41,10 @@ def round_curves(series: dict[str, list[tuple[int, float, float, float]]], metri
     ax.set_ylabel(metric)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    else:  # e.g. a metric that no round could compute: say so instead of drawing empty axes
+        ax.text(0.5, 0.5, f"no finite {metric} values", ha="center", va="center", transform=ax.transAxes)
     return _png(fig)
 
 
