@@ -138,7 +138,8 @@ def main() -> None:
     parser.add_argument("--n-per-class", type=int, default=64, help="toy data size")
     parser.add_argument("--samples-per-class", type=int, default=32)
     parser.add_argument("--sample-steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--guidance", type=float, nargs="+", default=[4.0],
+                        help="CFG scale(s); several judge every base at each (a sweep costs sampling only)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="minutes of training in this invocation; rerun the same command to continue")
@@ -194,28 +195,31 @@ def main() -> None:
                 print(f"{name}: paused at step {result.global_step} after {wall / 60:.1f} min; rerun to continue")
                 return
         prompts = load_prompts(config.prompts)
-        images, labels = generate(out, [prompts.class_prompt(c) for c in classes], args.samples_per_class,
-                                  args.sample_steps, args.guidance, device)
-        verdict = judge(images, labels)
-        shown = min(8, args.samples_per_class)
-        rows_start = torch.arange(len(classes)).repeat_interleave(shown) * args.samples_per_class
-        pick = rows_start + torch.arange(shown).repeat(len(classes))
-        grid = save_grid(images[pick], len(classes), work / f"grid-{name}.png", row_labels=classes)
         steps = json.loads((out / PROVENANCE_FILE).read_text(encoding="utf-8"))["steps"]  # planned, with a budget
-        rows.append((name, config, steps, wall, cpu, verdict, base_mib(out)))
-        per_class = " ".join(f"{classes[c]}={v:.2f}" for c, v in sorted(verdict["per_class"].items()))
-        print(f"{name}: class fidelity {verdict['fidelity']:.3f} ({per_class}); grid {grid}")
+        for guidance in args.guidance:
+            images, labels = generate(out, [prompts.class_prompt(c) for c in classes], args.samples_per_class,
+                                      args.sample_steps, guidance, device)
+            verdict = judge(images, labels)
+            shown = min(8, args.samples_per_class)
+            rows_start = torch.arange(len(classes)).repeat_interleave(shown) * args.samples_per_class
+            pick = rows_start + torch.arange(shown).repeat(len(classes))
+            suffix = "" if len(args.guidance) == 1 else f"-cfg{guidance:g}"
+            grid = save_grid(images[pick], len(classes), work / f"grid-{name}{suffix}.png", row_labels=classes)
+            rows.append((name, guidance, config, steps, wall, cpu, verdict, base_mib(out)))
+            per_class = " ".join(f"{classes[c]}={v:.2f}" for c, v in sorted(verdict["per_class"].items()))
+            print(f"{name}, CFG {guidance:g}: class fidelity {verdict['fidelity']:.3f} ({per_class}); grid {grid}",
+                  flush=True)
 
-    print("\n| variant | preset | px | VAE steps | UNet steps | target / schedule | wall min | CPU min "
+    print("\n| variant | CFG | preset | px | VAE steps | UNet steps | target / schedule | wall min | CPU min "
           "| class fidelity | domain distance | base MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, config, steps, wall, cpu, verdict, mib in rows:
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, guidance, config, steps, wall, cpu, verdict, mib in rows:
         distance = f"{verdict['domain_distance']:.3g}" if verdict["domain_distance"] is not None else "-"
-        print(f"| {name} | {config.preset} | {config.resolution or '-'} | {steps['vae']} | {steps['unet']} | "
-              f"{config.unet.prediction_type} / {config.unet.noise_schedule} | {wall / 60:.1f} | {cpu / 60:.1f} | "
-              f"{verdict['fidelity']:.3f} | {distance} | {mib:.1f} |")
+        print(f"| {name} | {guidance:g} | {config.preset} | {config.resolution or '-'} | {steps['vae']} | "
+              f"{steps['unet']} | {config.unet.prediction_type} / {config.unet.noise_schedule} | {wall / 60:.1f} | "
+              f"{cpu / 60:.1f} | {verdict['fidelity']:.3f} | {distance} | {mib:.1f} |")
     print(f"\n{ceiling}; chance {1 / len(classes):.3f}; {args.samples_per_class} samples per class through "
-          f"StableDiffusionPipeline, DDIM {args.sample_steps} steps, CFG {args.guidance}; device {device}, "
+          f"StableDiffusionPipeline, DDIM {args.sample_steps} steps; device {device}, "
           f"torch threads {args.threads}; data {manifest}")
 
 
