@@ -130,7 +130,7 @@ EOF
         [ -f $work/manifest-64.csv ] || python3 -c "from lesiongen.data.index import index_dataset as index
 index('.dd/derm-dev-64', out='$work/manifest-64.csv', seed=0)" || return 1  # uninstalled: no lesiongen.cli
         step 560 pretrain python3 bench/pretrain_quality.py --config configs/pretrain-derm-dev-gpu.yaml \
-            --data $work/manifest-64.csv --judge $chain/judge --samples-per-class 128 \
+            --data $work/manifest-64.csv --judge $chain/judge --samples-per-class 192 --guidance 4 7 10 \
             --time-limit ${PRETRAIN_MINUTES:-8} --time-budget ${PRETRAIN_BUDGET:-7} \
             --work $chain/work --variant "chain:save_optimizer=false"
         cp $chain/work/grid-*.png $chain/work/run-chain/lesiongen_base.json "$out/pretrain/" 2>/dev/null
