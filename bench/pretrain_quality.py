@@ -8,7 +8,9 @@ path every other command takes), and judges them:
 - `--judge probe` (default): a small CNN trained here on the real training images; class fidelity only.
   Its accuracy on the real test split is printed as the ceiling.
 - `--judge DIR`: a classifier trained on the real data (`lesiongen train-classifier`); class fidelity and
-  the domain feature distance (Fréchet distance in its feature space, `lesiongen.metrics`).
+  the domain feature distance (Fréchet distance in its feature space, `lesiongen.metrics`), and "VAE
+  keeps": its balanced accuracy on the VAE round trips of the real test images (per class in the log), which
+  shows the classes whose evidence the VAE loses.
 
 Data: `--data toy` (made here), `--data derm-dev` (../shared/data/derm-dev, indexed here) or a manifest.
 
@@ -74,7 +76,8 @@ def prepare_manifest(data: str, work: Path, n_per_class: int) -> Path:
 
 
 def make_judge(judge: str, manifest: Path, work: Path, smoke: bool, device: torch.device):
-    """A callable (images uint8, labels) -> {'fidelity', 'per_class', 'domain_distance'} and a ceiling line."""
+    """A callable (images uint8, labels) -> {'fidelity', 'per_class', 'domain_distance'}, the class names, a
+    ceiling line, and (classifier judges only) a callable vae -> the judge on the test images' VAE round trips."""
     from lesiongen.diffusion.pretrain.data import load_class_images
 
     train = load_class_images(manifest, "train", 64)
@@ -90,7 +93,7 @@ def make_judge(judge: str, manifest: Path, work: Path, smoke: bool, device: torc
             return {"fidelity": result["overall"], "per_class": result["per_class"], "domain_distance": None}
 
         accuracy = probe.accuracy(test.images, test.labels)
-        return by_probe, train.classes, f"probe CNN accuracy on real test images {accuracy:.3f}"
+        return by_probe, train.classes, f"probe CNN accuracy on real test images {accuracy:.3f}", None
     from lesiongen.diffusion.pretrain.evaluation import SampleJudge
 
     sample_judge = SampleJudge(judge, train.images, train.classes, device)
@@ -105,9 +108,13 @@ def make_judge(judge: str, manifest: Path, work: Path, smoke: bool, device: torc
     real = by_classifier(test.images, test.labels)
     balanced = sum(real["per_class"].values()) / len(real["per_class"])
     # Samples come in equal numbers per class, so their fidelity compares with the real images' balanced accuracy.
-    return by_classifier, train.classes, (f"classifier {judge} on real test images: accuracy {real['fidelity']:.3f}"
-                                          f", balanced accuracy {balanced:.3f}"
-                                          f", real-vs-real-train domain distance {real['domain_distance']}")
+    ceiling = (f"classifier {judge} on real test images: accuracy {real['fidelity']:.3f}, balanced accuracy "
+               f"{balanced:.3f}, real-vs-real-train domain distance {real['domain_distance']}")
+    def by_vae_round_trip(vae, resolution: int) -> dict:  # the test images at the base's own resolution
+        held_out = test if resolution == 64 else load_class_images(manifest, "test", resolution)
+        return sample_judge.reconstruction(vae, held_out.images, held_out.labels)
+
+    return by_classifier, train.classes, ceiling, by_vae_round_trip
 
 
 def generate(base: Path, prompts: list[str], per_class: int, steps: int, guidance: float, device: torch.device):
@@ -171,7 +178,7 @@ def main() -> None:
         base_cfg["preset"] = args.preset
     variants = [parse_variant(v) for v in args.variant] or [("default", {})]
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    judge, classes, ceiling = make_judge(args.judge, manifest, work, args.smoke, device)
+    judge, classes, ceiling, vae_judge = make_judge(args.judge, manifest, work, args.smoke, device)
     print(ceiling)
 
     rows = []
@@ -195,7 +202,17 @@ def main() -> None:
                 print(f"{name}: paused at step {result.global_step} after {wall / 60:.1f} min; rerun to continue")
                 return
         prompts = load_prompts(config.prompts)
-        steps = json.loads((out / PROVENANCE_FILE).read_text(encoding="utf-8"))["steps"]  # planned, with a budget
+        provenance = json.loads((out / PROVENANCE_FILE).read_text(encoding="utf-8"))
+        steps = provenance["steps"]  # planned, with a budget
+        vae_kept = None
+        if vae_judge is not None:  # class evidence left in this VAE's round trips
+            from lesiongen.diffusion.loading import load_pipeline
+
+            kept = vae_judge(load_pipeline(out).vae.to(device).eval(), provenance["resolution"])
+            vae_kept = kept["round_trip"]["balanced_accuracy"]
+            per_class = " ".join(f"{c}={v:.2f}" for c, v in kept["round_trip"]["per_class"].items())
+            print(f"{name}: VAE round trips of the test images: judge balanced accuracy {vae_kept:.3f} "
+                  f"({per_class}; originals {kept['original']['balanced_accuracy']:.3f}), RMSE {kept['rmse']:.1f}")
         for guidance in args.guidance:
             images, labels = generate(out, [prompts.class_prompt(c) for c in classes], args.samples_per_class,
                                       args.sample_steps, guidance, device)
@@ -205,19 +222,20 @@ def main() -> None:
             pick = rows_start + torch.arange(shown).repeat(len(classes))
             suffix = "" if len(args.guidance) == 1 else f"-cfg{guidance:g}"
             grid = save_grid(images[pick], len(classes), work / f"grid-{name}{suffix}.png", row_labels=classes)
-            rows.append((name, guidance, config, steps, wall, cpu, verdict, base_mib(out)))
+            rows.append((name, guidance, config, steps, wall, cpu, verdict, vae_kept, base_mib(out)))
             per_class = " ".join(f"{classes[c]}={v:.2f}" for c, v in sorted(verdict["per_class"].items()))
             print(f"{name}, CFG {guidance:g}: class fidelity {verdict['fidelity']:.3f} ({per_class}); grid {grid}",
                   flush=True)
 
     print("\n| variant | CFG | preset | px | VAE steps | UNet steps | target / schedule | wall min | CPU min "
-          "| class fidelity | domain distance | base MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, guidance, config, steps, wall, cpu, verdict, mib in rows:
+          "| class fidelity | VAE keeps | domain distance | base MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, guidance, config, steps, wall, cpu, verdict, vae_kept, mib in rows:
         distance = f"{verdict['domain_distance']:.3g}" if verdict["domain_distance"] is not None else "-"
+        kept_cell = f"{vae_kept:.3f}" if vae_kept is not None else "-"
         print(f"| {name} | {guidance:g} | {config.preset} | {config.resolution or '-'} | {steps['vae']} | "
               f"{steps['unet']} | {config.unet.prediction_type} / {config.unet.noise_schedule} | {wall / 60:.1f} | "
-              f"{cpu / 60:.1f} | {verdict['fidelity']:.3f} | {distance} | {mib:.1f} |")
+              f"{cpu / 60:.1f} | {verdict['fidelity']:.3f} | {kept_cell} | {distance} | {mib:.1f} |")
     print(f"\n{ceiling}; chance {1 / len(classes):.3f}; {args.samples_per_class} samples per class through "
           f"StableDiffusionPipeline, DDIM {args.sample_steps} steps; device {device}, "
           f"torch threads {args.threads}; data {manifest}")

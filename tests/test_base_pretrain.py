@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import pytest
+import timm
 import torch
 from lesiongen.cli.app import app
 from typer.testing import CliRunner
@@ -132,6 +134,46 @@ def test_progress_metrics_and_perceptual_term_use_a_classifier(toy_manifest, tmp
     assert "domain_distance" in result.metrics  # None with a note when there are too few samples for FID
     provenance = json.loads((tmp_path / "run" / "lesiongen_base.json").read_text())
     assert provenance["final_samples"]["class_fidelity"] == fidelity
+    # the finished VAE judged once, on the held-out validation images' round trips
+    vae_evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+                 if '"vae_eval"' in line]
+    assert len(vae_evals) == 1 and vae_evals[0]["split"] == "val" and vae_evals[0]["global_step"] == 2
+    assert set(vae_evals[0]["round_trip"]["per_class"]) == set(info.classes) and vae_evals[0]["rmse"] > 0
+
+
+class _PixelVae(torch.nn.Module):
+    """An autoencoder whose latents are the pixels, optionally blanked on the way back."""
+
+    def __init__(self, blank: bool) -> None:
+        super().__init__()
+        self.blank = blank
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a device
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+    def decode(self, z):
+        return SimpleNamespace(sample=torch.zeros_like(z) if self.blank else z)
+
+
+def test_vae_class_evidence_is_judged_on_the_round_trips(toy_manifest, tmp_path):
+    from lesiongen.classifier.models import ClassifierInfo, save_classifier
+    from lesiongen.diffusion.pretrain.data import load_class_images
+    from lesiongen.diffusion.pretrain.evaluation import SampleJudge
+
+    held_out = load_class_images(toy_manifest, "val", 32)
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=len(held_out.classes))
+    info = ClassifierInfo("test_efficientnet", held_out.classes, 32, (0.5,) * 3, (0.5,) * 3,
+                          num_features=model.num_features, tta="none")
+    judge = SampleJudge(save_classifier(model, info, tmp_path / "judge"), held_out.images, held_out.classes,
+                        torch.device("cpu"))
+    exact = judge.reconstruction(_PixelVae(blank=False), held_out.images, held_out.labels)
+    assert exact["rmse"] == 0 and exact["round_trip"] == exact["original"]
+    blank = judge.reconstruction(_PixelVae(blank=True), held_out.images, held_out.labels)
+    # one grey image for all: the judge gives every round trip the same class, so one class is all right
+    assert blank["rmse"] > 10 and blank["original"] == exact["original"]
+    assert sorted(blank["round_trip"]["per_class"].values())[-2:] == [0.0, 1.0]
 
 
 def test_stage_fitter_plans_the_steps_that_fit_from_the_measured_speed(monkeypatch):

@@ -1,5 +1,6 @@
 """Progress metrics of pretraining samples, judged by a classifier trained on real images: class
-fidelity and a domain feature distance (the synthetic-quality functions of `lesiongen.metrics`)."""
+fidelity and a domain feature distance (the synthetic-quality functions of `lesiongen.metrics`), and how
+much of the class evidence in real images survives the VAE."""
 
 from __future__ import annotations
 
@@ -34,3 +35,39 @@ class SampleJudge:
         if shortfall:
             result["domain_distance_note"] = shortfall
         return result
+
+    def reconstruction(self, vae, images_uint8: torch.Tensor, labels: torch.Tensor, *, autocast=None) -> dict:
+        """The judge on VAE round trips of real images beside the originals.
+
+        Samples are decoded by this VAE, so a class whose evidence (thin vessels, fine networks) it loses
+        from real images is unlikely to come out right in samples either. Not a strict bound: guided
+        samples can be more typical of their class than real images are.
+        """
+        from lesiongen.classifier.predict import predict_proba
+        from lesiongen.metrics.quality import class_fidelity
+
+        round_trips = vae_round_trip(vae, images_uint8, autocast=autocast)
+        result = {"num_images": len(labels),
+                  "rmse": float((round_trips.float() - images_uint8.float()).pow(2).mean().sqrt())}
+        for name, images in (("round_trip", round_trips), ("original", images_uint8)):
+            probs = predict_proba(self.model, self.info, images)
+            fidelity = class_fidelity(probs, labels.cpu(), self.classes, list(self.info.classes))
+            shares = [v for v in fidelity["per_class"].values() if v is not None]
+            result[name] = {"balanced_accuracy": sum(shares) / len(shares), "per_class": fidelity["per_class"]}
+        return result
+
+
+@torch.no_grad()
+def vae_round_trip(vae, images_uint8: torch.Tensor, *, batch_size: int = 64, autocast=None) -> torch.Tensor:
+    """uint8 images -> encode (posterior mean) -> decode -> uint8 on the CPU."""
+    import contextlib
+
+    from lesiongen.diffusion.pretrain.data import to_model_range, to_uint8
+
+    device = next(vae.parameters()).device
+    out = []
+    for i in range(0, len(images_uint8), batch_size):
+        x = to_model_range(images_uint8[i:i + batch_size].to(device))
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            out.append(to_uint8(vae.decode(vae.encode(x).latent_dist.mean).sample).cpu())
+    return torch.cat(out)

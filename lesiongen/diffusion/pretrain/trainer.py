@@ -151,6 +151,8 @@ class Pretrainer:
             self.vae.register_to_config(scaling_factor=self.state.scaling_factor)
             self.state.stage, self.state.step = "unet", 0
             self.log(f"VAE done; latent scaling factor {self.state.scaling_factor:.5f} (1 / std of the latents)")
+            if self.config.eval_classifier:
+                self.evaluate_vae()
             self._save()
         self._train_unet(should_pause)
         if self.state.step < self.stage_steps("unet"):
@@ -416,11 +418,7 @@ class Pretrainer:
         save_grid(images, len(self.data.classes), self.out / SAMPLES_DIR / f"{tag}.png", row_labels=self.data.classes)
         record: dict = {"stage": "eval", "global_step": self.state.global_step, "grid": f"{SAMPLES_DIR}/{tag}.png"}
         if self.config.eval_classifier:
-            if self.judge is None:
-                from lesiongen.diffusion.pretrain.evaluation import SampleJudge
-
-                self.judge = SampleJudge(self.config.eval_classifier, self.data.images, self.data.classes, self.device)
-            record.update(self.judge(images, labels))
+            record.update(self._judge()(images, labels))
             fidelity = record["class_fidelity"]["overall"]
             distance = record.get("domain_distance")
             self.log(f"samples at step {self.state.global_step}: class fidelity {fidelity:.3f}"
@@ -428,6 +426,32 @@ class Pretrainer:
         self.state.metrics = record
         self._append_metrics(record)
         return record
+
+    def evaluate_vae(self, split: str = "val") -> dict | None:
+        """How much class evidence survives the finished VAE, on held-out real images: the judge's balanced
+        accuracy on their round trips, beside its accuracy on the originals (`SampleJudge.reconstruction`)."""
+        if split == self.config.split:
+            self.log(f"VAE class evidence not judged: the '{split}' split is the training split")
+            return None
+        try:
+            held_out = load_class_images(self.manifest, split, self.preset.resolution, cache_dir=self.config.cache_dir)
+        except InputError as err:
+            self.log(f"VAE class evidence not judged: {err}")
+            return None
+        result = self._judge().reconstruction(self.vae.eval(), held_out.images, held_out.labels,
+                                              autocast=self._autocast)
+        kept, original = result["round_trip"]["balanced_accuracy"], result["original"]["balanced_accuracy"]
+        self.log(f"VAE round trips of {len(held_out)} {split} images: judge balanced accuracy {kept:.3f} "
+                 f"(originals {original:.3f}), RMSE {result['rmse']:.1f} grey levels")
+        self._append_metrics({"stage": "vae_eval", "global_step": self.state.global_step, "split": split, **result})
+        return result
+
+    def _judge(self):
+        if self.judge is None:
+            from lesiongen.diffusion.pretrain.evaluation import SampleJudge
+
+            self.judge = SampleJudge(self.config.eval_classifier, self.data.images, self.data.classes, self.device)
+        return self.judge
 
     def _finish(self) -> PretrainResult:
         from lesiongen.diffusion.build import pipeline_from_components
