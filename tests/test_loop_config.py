@@ -49,6 +49,7 @@ def test_seeds_count_and_canonical_arm_order():
     ({"mining": {"split": "test"}}, "--allow-test-mining"),
     ({"base": {"path": "/x", "pretrain": {}}}, "exactly one of path"),
     ({"data": {"toy": None, "source": None}}, "exactly one of toy / source / manifest"),
+    ({"generate": {"oversample": 2.0, "max_oversample": 1.5}}, "max_oversample must be >= generate.oversample"),
 ])
 def test_bad_config_values_fail_at_load_naming_the_key(overrides, message):
     with pytest.raises(InputError) as err:
@@ -139,3 +140,18 @@ def test_model_key_paths(tmp_path):
     assert layout.model(key) == tmp_path / "seed-1/round-2/mined/train"
     assert layout.evaluation(key, "val") == tmp_path / "seed-1/round-2/mined/train/eval-val"
     assert layout.evaluation(key, "test") == tmp_path / "seed-1/round-2/mined/eval-test"
+
+
+def test_classes_the_filters_leave_short_are_drawn_again_by_their_pass_rate_up_to_the_cap():
+    from lesiongen.loop.prompted import next_draws
+
+    counts = {"bcc": 10, "df": 4, "mel": 10, "nv": 20}
+    draws = {"bcc": 15, "df": 6, "mel": 15, "nv": 30}
+    passed = {"bcc": 5, "mel": 12, "nv": 20}  # bcc: 1 in 3 pass; df: none; mel, nv: enough
+    planned = next_draws(counts, draws, passed, max_oversample=4.0)
+    # bcc needs 5 more at a pass rate of 1/3: 15 more draws with 10 % spare -> 17; df jumps to its cap 16
+    assert planned == {"bcc": 15 + 17, "df": 16, "mel": 15, "nv": 30}
+    assert next_draws(counts, {**planned, "bcc": 40}, {**passed, "bcc": 9}, max_oversample=4.0)["bcc"] == 40  # capped
+    settled = {"bcc": 40, "df": 16, "mel": 15, "nv": 30}
+    assert next_draws(counts, settled, {"bcc": 9, "mel": 12, "nv": 20}, max_oversample=4.0) == settled  # nothing left
+    assert next_draws(counts, draws, passed, max_oversample=1.5) == draws  # no second draw allowed

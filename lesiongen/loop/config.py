@@ -144,7 +144,8 @@ class ClassicalConfig:
 class PromptedConfig:
     """Class-prompted samples (`lesiongen generate`): the random arm, and rare classes in the mined arm.
     Both pass the same filters as the mined variants; `oversample` draws extra so the filters can drop
-    some and the counts still match."""
+    some and the counts still match, and a class still short is drawn again up to `max_oversample` x its
+    count."""
 
     steps: int = 30
     guidance: float = 7.5
@@ -153,12 +154,16 @@ class PromptedConfig:
     compile: bool = False
     fuse: bool = True
     oversample: float = 1.5
+    max_oversample: float = 4.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"generate.steps must be a positive integer, got {self.steps!r}")
         if self.oversample < 1.0:
             raise ValueError(f"generate.oversample must be >= 1, got {self.oversample}")
+        if self.max_oversample < self.oversample:
+            raise ValueError(f"generate.max_oversample must be >= generate.oversample ({self.oversample}), "
+                             f"got {self.max_oversample}")
         if self.batch_size < 1:
             raise ValueError(f"generate.batch_size must be >= 1, got {self.batch_size}")
 
