@@ -156,3 +156,17 @@ def test_quality_table_shows_each_distance_from_quality_json():
     assert row["FD (domain)"] == "12.50" and row["FD∞ (domain)"] == "0.49" and row["KID (domain)"] == "0.0004"
     assert row["FID (Inception)"] == "n/a" and row["class fidelity"] == "0.70 / 0.75"
     assert row["precision / recall / density / coverage"] == "0.80 / 0.81 / 0.96 / 0.97"
+
+
+def test_arms_short_of_the_mined_counts_are_named_with_their_counts():
+    from lesiongen.report.tables import Results, budget_gaps
+
+    def model(arm: str, seed: int, used: dict) -> dict:
+        return {"arm": arm, "round": 0 if arm == "real" else 1, "seed": seed, "test": {"metrics": {}},
+                "synthetic_used": used}
+
+    models = [model("real", 0, {}), model("mined", 0, {"bcc": 10, "df": 4}), model("mined", 1, {"bcc": 12, "df": 4}),
+              model("classical", 0, {"bcc": 10, "df": 4}), model("classical", 1, {"bcc": 12, "df": 4}),
+              model("random", 0, {"bcc": 2, "df": 4}), model("random", 1, {"bcc": 3})]
+    gaps = budget_gaps(Results({"models": models}), ["bcc", "df"])
+    assert gaps == {"random": {"bcc": (2.5, 11.0)}}  # df: 4 in the one seed that has it, as in mined

@@ -43,7 +43,7 @@ def build_document(run_dir: str | Path) -> Document:
     if not results.models:
         doc.add(Callout("No classifier of this run has been evaluated on the test split yet; "
                         "resume the run to finish it.", "warning"))
-    doc.add(*_overview(summary, config))
+    doc.add(*_overview(summary, config, tables.budget_gaps(results, classes)))
 
     doc.add(Heading("Before and after"), tables.headline_table(results))
     if results.n_seeds > 1:
@@ -66,7 +66,7 @@ def build_document(run_dir: str | Path) -> Document:
     return doc
 
 
-def _overview(summary: dict, config: LoopConfig) -> list:
+def _overview(summary: dict, config: LoopConfig, gaps: dict[str, dict[str, tuple[float, float]]]) -> list:
     sizes = summary.get("split_sizes", {})
     base = config.base.description
     lines = [
@@ -79,10 +79,16 @@ def _overview(summary: dict, config: LoopConfig) -> list:
         f"{summary['rounds']} round(s), seeds {summary['seeds']}; hard cases mined on the "
         f"{summary['mining_split']} split; the test split was used only for the numbers below.",
         "Every arm trains for the same number of epochs, so an arm with synthetic images also takes more "
-        "optimizer steps than the real-only classifier; the classical and random arms add exactly as many "
+        "optimizer steps than the real-only classifier; the classical and random arms are given as many "
         "images per class as the mined arm, so comparing the arms with each other isolates the generator "
-        "(mined vs classical) and the mining (mined vs random).",
+        "(mined vs classical) and the mining (mined vs random)" + ("." if not gaps else ", except where noted:"),
     ]
+    for arm, found in gaps.items():
+        shown = ", ".join(f"{c} {tables.fmt(have, 1)} vs {tables.fmt(want, 1)}" for c, (have, want) in found.items())
+        why = (" The filters the variants pass rejected most of its class-prompted images of these classes "
+               "(how many were drawn: `generate/stage.json` of each random round)." if arm == "random" else "")
+        lines.append(f"The {arm} arm did not get the mined arm's counts ({shown} images; means over seeds).{why} "
+                     f"Its comparison with the mined arm mixes the effect of the method with that of set size.")
     arms = Table(["arm", "training data"], [[arm, text] for arm, text in summary["arms"].items()])
     return [Heading("Run"), *[Paragraph(line) for line in lines], arms]
 

@@ -192,6 +192,20 @@ def ratio_table(results: Results, classes: list[str]) -> Table:
                                        "so far, after the trainer's per-class cap), and synthetic:real ratio.")
 
 
+def budget_gaps(results: Results, classes: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
+    """The comparison arms' classes whose synthetic count in the last round differs from the mined arm's:
+    {arm: {class: (its count, mined count)}}, means over seeds (as in `ratio_table`)."""
+    last = max((r for _, r, _ in results.groups()), default=0)
+    used = {arm: {c: _mean([(m.get("synthetic_used") or {}).get(c) for m in models]) or 0.0 for c in classes}
+            for arm, r, models in results.groups() if arm != "real" and r == last}
+    mined = used.get("mined")
+    if mined is None:
+        return {}
+    gaps = {arm: {c: (counts[c], mined[c]) for c in classes if abs(counts[c] - mined[c]) >= 0.5}
+            for arm, counts in used.items() if arm != "mined"}
+    return {arm: found for arm, found in gaps.items() if found}
+
+
 def _mean(values: list[float | None]) -> float | None:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return float(np.mean(finite)) if finite else None
