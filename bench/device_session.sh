@@ -132,7 +132,7 @@ index('.dd/derm-dev-64', out='$work/manifest-64.csv', seed=0)" || return 1  # un
         step 560 pretrain python3 bench/pretrain_quality.py --config configs/pretrain-derm-dev-gpu.yaml \
             --data $work/manifest-64.csv --judge $chain/judge --samples-per-class 192 --guidance 4 7 10 \
             --time-limit ${PRETRAIN_MINUTES:-8} --time-budget ${PRETRAIN_BUDGET:-7} \
-            --work $chain/work --variant "chain:save_optimizer=false"
+            --work $chain/work --variant "chain:save_optimizer=false,eval_classifier=$chain/judge"
         cp $chain/work/grid-*.png $chain/work/run-chain/lesiongen_base.json "$out/pretrain/" 2>/dev/null
         if [ -f $chain/work/run-chain/model_index.json ]; then
             # the finished base as one fp16 file (files come back at most 2 folders down, 8 in all), for
