@@ -4,6 +4,7 @@ much of the class evidence in real images survives the VAE."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -60,8 +61,6 @@ class SampleJudge:
 @torch.no_grad()
 def vae_round_trip(vae, images_uint8: torch.Tensor, *, batch_size: int = 64, autocast=None) -> torch.Tensor:
     """uint8 images -> encode (posterior mean) -> decode -> uint8 on the CPU."""
-    import contextlib
-
     from lesiongen.diffusion.pretrain.data import to_model_range, to_uint8
 
     device = next(vae.parameters()).device
