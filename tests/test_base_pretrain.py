@@ -147,13 +147,19 @@ class _PixelVae(torch.nn.Module):
     def __init__(self, blank: bool) -> None:
         super().__init__()
         self.blank = blank
-        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a device
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a device and a dtype
+        self.config = SimpleNamespace(scaling_factor=1.0)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.anchor.dtype
 
     def encode(self, x):
         return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
 
-    def decode(self, z):
-        return SimpleNamespace(sample=torch.zeros_like(z) if self.blank else z)
+    def decode(self, z, return_dict=True):
+        out = torch.zeros_like(z) if self.blank else z
+        return SimpleNamespace(sample=out) if return_dict else (out,)
 
 
 def test_vae_class_evidence_is_judged_on_the_round_trips(toy_manifest, tmp_path):

@@ -60,13 +60,13 @@ class SampleJudge:
 
 @torch.no_grad()
 def vae_round_trip(vae, images_uint8: torch.Tensor, *, batch_size: int = 64, autocast=None) -> torch.Tensor:
-    """uint8 images -> encode (posterior mean) -> decode -> uint8 on the CPU."""
-    from lesiongen.diffusion.pretrain.data import to_model_range, to_uint8
+    """uint8 images -> encode (posterior mean) -> decode -> uint8 on the CPU, as inversion encodes them."""
+    from lesiongen.synthesis.latents import decode, encode, to_model_pixels, to_uint8
 
-    device = next(vae.parameters()).device
+    device, size = next(vae.parameters()).device, images_uint8.shape[-1]
     out = []
     for i in range(0, len(images_uint8), batch_size):
-        x = to_model_range(images_uint8[i:i + batch_size].to(device))
+        pixels = to_model_pixels(images_uint8[i:i + batch_size], size, device=device, dtype=vae.dtype)
         with autocast() if autocast is not None else contextlib.nullcontext():
-            out.append(to_uint8(vae.decode(vae.encode(x).latent_dist.mean).sample).cpu())
+            out.append(to_uint8(decode(vae, encode(vae, pixels))))
     return torch.cat(out)
