@@ -68,7 +68,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.csv"
     if not manifest.is_file():
-        data = make_toy_dataset(out / "toy", n_per_class=16, size=64, seed=0, overwrite=True) if args.smoke else args.data
+        data = (make_toy_dataset(out / "toy", n_per_class=16, size=64, seed=0, overwrite=True) if args.smoke
+                else args.data)
         index_dataset(data, out=manifest, seed=0)
     recipe = load_yaml(ROOT / "configs" / "derm-dev-classifier.yaml")
     recipes = {"baseline": {**recipe, **BASELINE}, "recipe": recipe}  # plain update: None values count here

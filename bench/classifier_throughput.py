@@ -37,7 +37,8 @@ DERM_DEV = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "der
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=None, help="image folder with labels.csv (default: derm-dev, else toy)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="image folder with labels.csv (default: derm-dev, else toy)")
     parser.add_argument("--arch", default="efficientnet_b0")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--load-size", type=int, default=None, help="decode size (default: img-size)")

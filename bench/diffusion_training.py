@@ -30,9 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-from diffusion_common import (describe_machine, device, free_memory, print_table, save_base,  # noqa: E402
-                              synthetic_manifest, timed)
+from diffusion_common import (  # noqa: E402
+    describe_machine,
+    device,
+    free_memory,
+    print_table,
+    save_base,
+    synthetic_manifest,
+    timed,
+)
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CAPTION = "a dermoscopy image of a melanoma"

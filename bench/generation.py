@@ -27,7 +27,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from diffusion_common import describe_machine, device, free_memory, print_table, save_base, timed  # noqa: E402
 
 

@@ -38,7 +38,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from diffusion_common import describe_machine, device, free_memory, timed  # noqa: E402
 
 PROMPTS = ["a dermoscopy image of <derm-mel> melanoma", "a dermoscopy image of <derm-nv> melanocytic nevus"]
@@ -177,7 +176,8 @@ def main() -> None:
         plain_img2img(pipe, images, prompts, args.steps, args.strength, args.guidance)
 
     rows = []  # (job, pattern, seconds per batch, items per batch)
-    rows.append(("inversion", "plain", timed(lambda: plain_inversion(pipe, images, prompts, args.steps), 1, args.repeats), b))
+    rows.append(("inversion", "plain",
+                 timed(lambda: plain_inversion(pipe, images, prompts, args.steps), 1, args.repeats), b))
     rows.append(("variant", "plain", timed(per_variant_plain, 1, args.repeats), b))
     free_memory()
 
@@ -199,7 +199,8 @@ def main() -> None:
     if args.compile:
         pipe.unet = torch.compile(pipe.unet)
         ours = Ours(pipe, args)
-        rows.append(("inversion", "lesiongen + compile", timed(lambda: ours.invert(images, prompts), 2, args.repeats), b))
+        rows.append(("inversion", "lesiongen + compile",
+                     timed(lambda: ours.invert(images, prompts), 2, args.repeats), b))
         rows.append(("variant", "lesiongen + compile", timed(lambda: ours.variants(images, prompts), 1, args.repeats),
                      b * args.variants))
     if args.feature_cache > 1:

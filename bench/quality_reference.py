@@ -118,7 +118,8 @@ def evaluate(real, synthetic, classifier: Path, args: argparse.Namespace, out: P
 def rows_of(report: dict) -> dict[str, float | None]:
     domain = report["overall"]["domain"]
     rows = {
-        "images (real / compared)": f"{report['images']['real']['n_images']} / {report['images']['synthetic']['n_images']}",
+        "images (real / compared)":
+            f"{report['images']['real']['n_images']} / {report['images']['synthetic']['n_images']}",
         "resolution": report["images"]["resolution"],
         "domain Fréchet distance": domain["fid"],
         "domain FD∞ (bias-corrected, 64 principal directions)": domain.get("fd_inf"),
@@ -138,8 +139,15 @@ def rows_of(report: dict) -> dict[str, float | None]:
 
 def real_features(real, classifier: Path, args: argparse.Namespace):
     """Domain features of the first half, as `evaluate` computed them (from its cache)."""
-    from lesiongen.metrics.quality import (QualityConfig, classifier_space, common_size, compute_features,
-                                           load_image_set, native_resolutions, select_rows)
+    from lesiongen.metrics.quality import (
+        QualityConfig,
+        classifier_space,
+        common_size,
+        compute_features,
+        load_image_set,
+        native_resolutions,
+        select_rows,
+    )
     from lesiongen.utils.cache import cache_root
 
     rows = select_rows(real, synthetic=False, split="all", max_images=args.n, seed=args.seed)

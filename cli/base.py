@@ -73,7 +73,8 @@ def export(
 
     if out.suffix != ".safetensors":
         raise typer.BadParameter(f"'{out}' must end in .safetensors", param_hint="--out")
-    export_single_file(load_pipeline(path, allow_pickle=allow_pickle, config=config), out, half=not fp32, overwrite=overwrite)
+    export_single_file(load_pipeline(path, allow_pickle=allow_pickle, config=config), out, half=not fp32,
+                       overwrite=overwrite)
     typer.echo(f"wrote {out}")
 
 
@@ -83,24 +84,33 @@ def pretrain(
     out: Annotated[Path, typer.Option(help="Run folder; the finished base is a diffusers pipeline at its top.")],
     preset: Annotated[Optional[str], typer.Option(help="Architecture: small (64 px, demo) or tiny (32 px, tests).",
                                                   callback=_check_optional_preset)] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML recipe (e.g. configs/pretrain-toy-cpu.yaml); flags override it.")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        help="YAML recipe (e.g. configs/pretrain-toy-cpu.yaml); flags override it.")] = None,
     vae_steps: Annotated[Optional[int], typer.Option(min=0, help="VAE training steps.")] = None,
     unet_steps: Annotated[Optional[int], typer.Option(min=0, help="UNet training steps.")] = None,
     vae_batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
     unet_batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
     prediction_type: Annotated[Optional[PredictionType], typer.Option(help="UNet target.")] = None,
-    resolution: Annotated[Optional[int], typer.Option(min=8, help="Train at this size instead of the preset's.")] = None,
+    resolution: Annotated[Optional[int], typer.Option(
+        min=8, help="Train at this size instead of the preset's.")] = None,
     prompts: Annotated[Optional[str], typer.Option(help="Prompt file or shipped dataset name (class prompts).")] = None,
-    eval_classifier: Annotated[Optional[Path], typer.Option(help="Classifier folder: class fidelity and domain distance of the sample grids.")] = None,
-    sample_every: Annotated[Optional[int], typer.Option(min=0, help="UNet steps between sample grids (0: at the end only).")] = None,
+    eval_classifier: Annotated[Optional[Path], typer.Option(
+        help="Classifier folder: class fidelity and domain distance of the sample grids.")] = None,
+    sample_every: Annotated[Optional[int], typer.Option(
+        min=0, help="UNet steps between sample grids (0: at the end only).")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(min=1, help="Steps between checkpoints.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
-    cpu_threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads on CPU (1 is fastest on a busy machine).")] = None,
+    cpu_threads: Annotated[Optional[int], typer.Option(
+        min=1, help="torch threads on CPU (1 is fastest on a busy machine).")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     resume: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoints/checkpoint-N folder.")] = None,
-    stop_after_steps: Annotated[Optional[int], typer.Option(min=1, help="Checkpoint and stop after this many steps (resume later).")] = None,
-    time_limit: Annotated[Optional[float], typer.Option(min=0.1, help="Checkpoint and stop after this many minutes.")] = None,
-    time_budget: Annotated[Optional[float], typer.Option(min=0.1, help="Fit the run's step counts to this many minutes of training in all (over every --resume job); the configured steps become upper bounds.")] = None,
+    stop_after_steps: Annotated[Optional[int], typer.Option(
+        min=1, help="Checkpoint and stop after this many steps (resume later).")] = None,
+    time_limit: Annotated[Optional[float], typer.Option(
+        min=0.1, help="Checkpoint and stop after this many minutes.")] = None,
+    time_budget: Annotated[Optional[float], typer.Option(
+        min=0.1, help="Fit the run's step counts to this many minutes of training in all (over every --resume job); "
+                      "the configured steps become upper bounds.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
 ) -> None:
     """Pretrain a small SD-format base from scratch: VAE, then the class-conditioned UNet."""

@@ -28,24 +28,34 @@ def register(app: typer.Typer) -> None:
 
 
 def train_classifier(
-    manifest: Annotated[Optional[Path], typer.Option(help="Real manifest: its train split trains, its val split selects the model.")] = None,
-    synthetic: Annotated[Optional[list[Path]], typer.Option(help="Synthetic manifest mixed into training (repeatable).")] = None,
-    out: Annotated[Path, typer.Option(help="Output folder (model, checkpoints, history, eval-val/).")] = DEFAULT_TRAIN_OUT,
-    config: Annotated[Optional[Path], typer.Option(help="YAML recipe, e.g. configs/derm-dev-classifier.yaml; flags override it.")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(
+        help="Real manifest: its train split trains, its val split selects the model.")] = None,
+    synthetic: Annotated[Optional[list[Path]], typer.Option(
+        help="Synthetic manifest mixed into training (repeatable).")] = None,
+    out: Annotated[Path, typer.Option(
+        help="Output folder (model, checkpoints, history, eval-val/).")] = DEFAULT_TRAIN_OUT,
+    config: Annotated[Optional[Path], typer.Option(
+        help="YAML recipe, e.g. configs/derm-dev-classifier.yaml; flags override it.")] = None,
     arch: Annotated[Optional[str], typer.Option(help="Any timm architecture.")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(help="none | imagenet | a .safetensors file | a trained classifier folder.")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(
+        help="none | imagenet | a .safetensors file | a trained classifier folder.")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Per process.")] = None,
     grad_accum: Annotated[Optional[int], typer.Option(min=1, help="Gradient accumulation steps.")] = None,
     img_size: Annotated[Optional[int], typer.Option(min=16)] = None,
-    load_size: Annotated[Optional[int], typer.Option(min=1, help="Decode images once at this size (default: img-size).")] = None,
+    load_size: Annotated[Optional[int], typer.Option(
+        min=1, help="Decode images once at this size (default: img-size).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="One-cycle peak learning rate.")] = None,
-    mixed_precision: Annotated[Optional[MixedPrecision], typer.Option(help="auto: bf16 on a bf16 GPU, no on CPU.")] = None,
-    max_synthetic_ratio: Annotated[Optional[float], typer.Option(min=0.0, help="Per class: synthetic rows <= ratio x real training rows.")] = None,
+    mixed_precision: Annotated[Optional[MixedPrecision], typer.Option(
+        help="auto: bf16 on a bf16 GPU, no on CPU.")] = None,
+    max_synthetic_ratio: Annotated[Optional[float], typer.Option(
+        min=0.0, help="Per class: synthetic rows <= ratio x real training rows.")] = None,
     synthetic_weight: Annotated[Optional[float], typer.Option(min=0.0, help="Loss weight of a synthetic row.")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
-    tta: Annotated[Optional[TTA], typer.Option(help="Test-time augmentation of validation and later evaluations (dihedral: 8 views).")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Decoded-image and weight cache (default $LESIONGEN_CACHE or ~/.cache/lesiongen).")] = None,
+    tta: Annotated[Optional[TTA], typer.Option(
+        help="Test-time augmentation of validation and later evaluations (dihedral: 8 views).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        help="Decoded-image and weight cache (default $LESIONGEN_CACHE or ~/.cache/lesiongen).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint-N folder.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the results already in --out.")] = False,
 ) -> None:
@@ -93,13 +103,16 @@ def resolve_train_config(config_file: Path | None, overrides: dict, out: Path, r
 
 
 def evaluate(
-    model: Annotated[Optional[Path], typer.Option(help="A trained classifier folder (train-classifier's --out).")] = None,
+    model: Annotated[Optional[Path], typer.Option(
+        help="A trained classifier folder (train-classifier's --out).")] = None,
     manifest: Annotated[Optional[Path], typer.Option(help="Manifest whose split is scored.")] = None,
     split: Annotated[Split, typer.Option(help="Split to score (real images only).")] = "test",
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default checkpoints/evaluate/...).")] = None,
     compare: Annotated[Optional[tuple[Path, Path]], typer.Option(
-        help="Paired comparison of A and B (classifier folders, scored on --manifest/--split, or evaluation folders).")] = None,
-    bootstrap: Annotated[int, typer.Option(min=0, help="Lesion-level bootstrap resamples for the 95% intervals.")] = 1000,
+        help="Paired comparison of A and B (classifier folders, scored on --manifest/--split, "
+             "or evaluation folders).")] = None,
+    bootstrap: Annotated[int, typer.Option(
+        min=0, help="Lesion-level bootstrap resamples for the 95% intervals.")] = 1000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     tta: Annotated[Optional[TTA], typer.Option(help="Test-time augmentation instead of the model's own.")] = None,
@@ -154,7 +167,8 @@ def _compare(pair: tuple[Path, Path], manifest: Path | None, split: str, out: Pa
     for label, source in zip(("a", "b"), pair):
         if (source / INFO_FILE).is_file():  # a classifier: score it first
             if manifest is None:
-                raise typer.BadParameter(f"{source} is a classifier; --manifest is needed to score it", param_hint="--manifest")
+                raise typer.BadParameter(f"{source} is a classifier; --manifest is needed to score it",
+                                         param_hint="--manifest")
             if _evaluate_to(source, manifest, split, out / label, settings, batch_size, cache_dir, overwrite,
                             tta=tta) is None:
                 return  # not the main process

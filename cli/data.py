@@ -36,7 +36,8 @@ def index(
     test: Annotated[float, typer.Option(help="Fraction of each class's images for test.")] = 0.15,
     seed: Annotated[int, typer.Option(help="Seed of the lesion shuffle.")] = 0,
     prompts: Annotated[str | None, typer.Option(help="Prompt file (name or YAML path) whose classes the labels "
-                                                "map to.", show_default="isic2019 for ISIC 2019, else ham10000")] = None,
+                                                "map to.",
+                                                show_default="isic2019 for ISIC 2019, else ham10000")] = None,
     metadata_csv: Annotated[Path | None, typer.Option(help="ISIC 2019 metadata CSV with lesion_id.",
                                                       show_default="the one beside the GroundTruth CSV")] = None,
     strict: Annotated[bool, typer.Option(help="Fail on an unreadable image instead of skipping it.")] = False,

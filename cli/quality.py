@@ -36,25 +36,39 @@ def _feature_threshold(value: str) -> float | str:
 
 def evaluate_synthetic(
     real: Annotated[Path, typer.Option(help="Real manifest (its --real-split rows are the reference).")],
-    synthetic: Annotated[Path, typer.Option(help="Synthetic manifest (its synthetic=1 rows; all rows if it has no such column).")],
-    classifier: Annotated[Optional[Path], typer.Option(help="Trained classifier folder: domain distance, PRDC, class fidelity, feature memorisation check.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: checkpoints/quality/<synthetic manifest name>).")] = None,
-    real_split: Annotated[RealSplit, typer.Option(help="Real rows to compare with (the generator's training data by default).")] = "train",
-    size: Annotated[Optional[int], typer.Option(min=2, help="Evaluate at SIZE x SIZE px (default: the real images' size); others are resized (PIL bicubic).")] = None,
-    inception_feature: Annotated[InceptionFeature, typer.Option(help="Inception layer for standard FID/KID; 'none' skips it.")] = "2048",
+    synthetic: Annotated[Path, typer.Option(
+        help="Synthetic manifest (its synthetic=1 rows; all rows if it has no such column).")],
+    classifier: Annotated[Optional[Path], typer.Option(
+        help="Trained classifier folder: domain distance, PRDC, class fidelity, feature memorisation check.")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Output folder (default: checkpoints/quality/<synthetic manifest name>).")] = None,
+    real_split: Annotated[RealSplit, typer.Option(
+        help="Real rows to compare with (the generator's training data by default).")] = "train",
+    size: Annotated[Optional[int], typer.Option(
+        min=2, help="Evaluate at SIZE x SIZE px (default: the real images' size); "
+                    "others are resized (PIL bicubic).")] = None,
+    inception_feature: Annotated[InceptionFeature, typer.Option(
+        help="Inception layer for standard FID/KID; 'none' skips it.")] = "2048",
     max_real: Annotated[Optional[int], typer.Option(min=2, help="Seeded random subsample of the real rows.")] = None,
-    max_synthetic: Annotated[Optional[int], typer.Option(min=2, help="Seeded random subsample of the synthetic rows.")] = None,
+    max_synthetic: Annotated[Optional[int], typer.Option(
+        min=2, help="Seeded random subsample of the synthetic rows.")] = None,
     kid_subsets: Annotated[int, typer.Option(min=1)] = 100,
     kid_subset_size: Annotated[int, typer.Option(min=2, help="Shrunk to the smaller set when larger.")] = 1000,
-    fd_inf_components: Annotated[int, typer.Option(min=0, help="Principal directions of FD∞, the bias-corrected Fréchet distance; 0 skips it.")] = 64,
+    fd_inf_components: Annotated[int, typer.Option(
+        min=0, help="Principal directions of FD∞, the bias-corrected Fréchet distance; 0 skips it.")] = 64,
     prdc_k: Annotated[int, typer.Option(min=1, help="k of the k-NN precision / recall / density / coverage.")] = 5,
-    phash_threshold: Annotated[int, typer.Option(min=1, help="Flag a synthetic image within this many of 256 pHash bits of a real one.")] = 24,
-    feature_threshold: Annotated[str, typer.Option(help="Flag within this cosine distance in classifier features; 'auto' calibrates it on the real set.")] = "auto",
-    gallery_pairs: Annotated[int, typer.Option(min=0, help="Closest synthetic/real pairs shown in memorization_gallery.png.")] = 16,
+    phash_threshold: Annotated[int, typer.Option(
+        min=1, help="Flag a synthetic image within this many of 256 pHash bits of a real one.")] = 24,
+    feature_threshold: Annotated[str, typer.Option(
+        help="Flag within this cosine distance in classifier features; "
+             "'auto' calibrates it on the real set.")] = "auto",
+    gallery_pairs: Annotated[int, typer.Option(
+        min=0, help="Closest synthetic/real pairs shown in memorization_gallery.png.")] = 16,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of subsampling and KID subsets.")] = 0,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Cache of real-image features (default: $LESIONGEN_CACHE or ~/.cache/lesiongen).")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        help="Cache of real-image features (default: $LESIONGEN_CACHE or ~/.cache/lesiongen).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing quality.json in --out.")] = False,
 ) -> None:
     """Judge synthetic images against real ones: FID/KID, domain distance, PRDC, class fidelity, memorisation."""
@@ -64,7 +78,8 @@ def evaluate_synthetic(
 
     threshold = _feature_threshold(feature_threshold)
     config = QualityConfig(
-        real_split=real_split, size=size, inception_feature=None if inception_feature == "none" else int(inception_feature),
+        real_split=real_split, size=size,
+        inception_feature=None if inception_feature == "none" else int(inception_feature),
         kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, fd_inf_components=fd_inf_components,
         prdc_k=prdc_k, max_real=max_real, max_synthetic=max_synthetic, phash_threshold=phash_threshold,
         feature_threshold=threshold, gallery_pairs=gallery_pairs, batch_size=batch_size, device=device, seed=seed,

@@ -26,16 +26,21 @@ def register(app: typer.Typer) -> None:
 
 # -- shared options ---------------------------------------------------------------------------------
 
-PredictionsOpt = Annotated[Path, typer.Option(help="predictions.csv written by `lesiongen evaluate` on the mining split.")]
+PredictionsOpt = Annotated[Path, typer.Option(
+    help="predictions.csv written by `lesiongen evaluate` on the mining split.")]
 ManifestOpt = Annotated[Path, typer.Option(help="The manifest those predictions were made on (checked by hash).")]
 SplitOpt = Annotated[Optional[Split], typer.Option(help="Mining split (default: val); test needs --allow-test-mining.")]
 QuotaOpt = Annotated[Optional[str], typer.Option(help="Most cases per class: N, or per class 'mel=40,df=10'.")]
-MaxCasesOpt = Annotated[Optional[int], typer.Option(min=1, help="Keep only the hardest N cases overall (default: all).")]
+MaxCasesOpt = Annotated[Optional[int], typer.Option(
+    min=1, help="Keep only the hardest N cases overall (default: all).")]
 LesionOpt = Annotated[Optional[int], typer.Option(min=1, help="Most images of one lesion (group_id) (default: 1).")]
-MarginOpt = Annotated[Optional[float], typer.Option(help="Correct cases with p(true) - max p(other) below this are hard (default: 0.2).")]
+MarginOpt = Annotated[Optional[float], typer.Option(
+    help="Correct cases with p(true) - max p(other) below this are hard (default: 0.2).")]
 ConfusionOpt = Annotated[Optional[list[str]], typer.Option(
-    help="Confusion weight, e.g. 'mel<->nv=2' or 'mel->nv=3' (repeatable; replaces the defaults mel<->nv=2, bkl<->mel=1.5).")]
-TestMiningOpt = Annotated[bool, typer.Option("--allow-test-mining", help="Allow mining the test split (leaks; every output says so).")]
+    help="Confusion weight, e.g. 'mel<->nv=2' or 'mel->nv=3' "
+         "(repeatable; replaces the defaults mel<->nv=2, bkl<->mel=1.5).")]
+TestMiningOpt = Annotated[bool, typer.Option(
+    "--allow-test-mining", help="Allow mining the test split (leaks; every output says so).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the results already in --out.")]
 
 
@@ -139,27 +144,47 @@ def mine(
 
 
 def mine_and_generate(
-    predictions: Annotated[Optional[Path], typer.Option(help="predictions.csv written by `lesiongen evaluate` on the mining split.")] = None,
-    manifest: Annotated[Optional[Path], typer.Option(help="The manifest those predictions were made on (checked by hash).")] = None,
-    base: Annotated[Optional[str], typer.Option(help="SD base: diffusers folder, single .safetensors, or hub id (default: the adapter's base).")] = None,
+    predictions: Annotated[Optional[Path], typer.Option(
+        help="predictions.csv written by `lesiongen evaluate` on the mining split.")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(
+        help="The manifest those predictions were made on (checked by hash).")] = None,
+    base: Annotated[Optional[str], typer.Option(
+        help="SD base: diffusers folder, single .safetensors, or hub id (default: the adapter's base).")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="`finetune` output folder (LoRA + class tokens).")] = None,
-    classifier: Annotated[Optional[Path], typer.Option(help="The classifier being improved: classifier guidance, and the filter's judge unless --reference-classifier.")] = None,
-    reference_classifier: Annotated[Optional[Path], typer.Option(help="Judge for the off-class filter and the memorisation features (default: --classifier).")] = None,
+    classifier: Annotated[Optional[Path], typer.Option(
+        help="The classifier being improved: classifier guidance, "
+             "and the filter's judge unless --reference-classifier.")] = None,
+    reference_classifier: Annotated[Optional[Path], typer.Option(
+        help="Judge for the off-class filter and the memorisation features (default: --classifier).")] = None,
     out: Annotated[Path, typer.Option(help="Output folder (images, manifest.csv, candidates.csv, ...).")] = DEFAULT_OUT,
-    config: Annotated[Optional[Path], typer.Option(help="YAML with any setting (sections mining/inversion/variants/filters); flags win.")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        help="YAML with any setting (sections mining/inversion/variants/filters); flags win.")] = None,
     method: Annotated[Optional[Method], typer.Option(help="img2img or embedding (default: img2img).")] = None,
-    variants_per_image: Annotated[Optional[int], typer.Option(min=1, help="Variants per hard case (default: 4).")] = None,
-    strength: Annotated[Optional[float], typer.Option(help="Share of the sampling steps re-run, in (0, 1] (default: 0.6).")] = None,
-    renoise: Annotated[Optional[float], typer.Option(help="Share of the inversion noise replaced by fresh noise, [0, 1] (default: 0.5).")] = None,
-    lambda_: Annotated[Optional[float], typer.Option("--lambda", help="Embedding method: weight of the class prompt vs the image's own embedding (default: 0.5).")] = None,
-    embedding_steps: Annotated[Optional[int], typer.Option(min=1, help="Optimisation steps of the per-image embedding (default: 25).")] = None,
-    inversion_steps: Annotated[Optional[int], typer.Option(help="DDIM steps for inversion and sampling (default: 50).")] = None,
+    variants_per_image: Annotated[Optional[int], typer.Option(
+        min=1, help="Variants per hard case (default: 4).")] = None,
+    strength: Annotated[Optional[float], typer.Option(
+        help="Share of the sampling steps re-run, in (0, 1] (default: 0.6).")] = None,
+    renoise: Annotated[Optional[float], typer.Option(
+        help="Share of the inversion noise replaced by fresh noise, [0, 1] (default: 0.5).")] = None,
+    lambda_: Annotated[Optional[float], typer.Option(
+        "--lambda",
+        help="Embedding method: weight of the class prompt vs the image's own embedding (default: 0.5).")] = None,
+    embedding_steps: Annotated[Optional[int], typer.Option(
+        min=1, help="Optimisation steps of the per-image embedding (default: 25).")] = None,
+    inversion_steps: Annotated[Optional[int], typer.Option(
+        help="DDIM steps for inversion and sampling (default: 50).")] = None,
     inversion_guidance: Annotated[Optional[float], typer.Option(help="CFG while inverting (default: 1).")] = None,
-    inversion_depth: Annotated[Optional[Depth], typer.Option(help="strength: invert only as far as the variants start, and measure the round trip from there; full: to pure noise (default: strength).")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="CFG while sampling variants (and the round trip when null-text is on) (default: 5).")] = None,
-    fixed_point_iterations: Annotated[Optional[int], typer.Option(min=0, help="Refinements per inversion step (default: 0).")] = None,
-    null_text_steps: Annotated[Optional[int], typer.Option(min=0, help="Null-text optimisation iterations per step; 0 = off.")] = None,
-    classifier_guidance: Annotated[Optional[float], typer.Option(min=0.0, help="Push samples toward the classifier's doubt; 0 = off.")] = None,
+    inversion_depth: Annotated[Optional[Depth], typer.Option(
+        help="strength: invert only as far as the variants start, and measure the round trip from there; "
+             "full: to pure noise (default: strength).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(
+        help="CFG while sampling variants (and the round trip when null-text is on) (default: 5).")] = None,
+    fixed_point_iterations: Annotated[Optional[int], typer.Option(
+        min=0, help="Refinements per inversion step (default: 0).")] = None,
+    null_text_steps: Annotated[Optional[int], typer.Option(
+        min=0, help="Null-text optimisation iterations per step; 0 = off.")] = None,
+    classifier_guidance: Annotated[Optional[float], typer.Option(
+        min=0.0, help="Push samples toward the classifier's doubt; 0 = off.")] = None,
     split: SplitOpt = None,
     per_class_quota: QuotaOpt = None,
     max_per_lesion: LesionOpt = None,
@@ -167,16 +192,24 @@ def mine_and_generate(
     margin_threshold: MarginOpt = None,
     confusion: ConfusionOpt = None,
     allow_test_mining: TestMiningOpt = False,
-    min_label_prob: Annotated[Optional[float], typer.Option(help="Drop variants the judge gives p(label) below this (default: 0.1).")] = None,
-    min_inversion_psnr: Annotated[Optional[float], typer.Option(help="Failed reconstruction: dB of the round trip against the VAE's own reconstruction (default: 20).")] = None,
-    min_recon_psnr: Annotated[Optional[float], typer.Option(help="Failed reconstruction: dB of the round trip against the input (default: off).")] = None,
-    memorization_filter: Annotated[Optional[bool], typer.Option("--memorization-filter/--no-memorization-filter", help="Drop near-copies of training images (default: on).")] = None,
+    min_label_prob: Annotated[Optional[float], typer.Option(
+        help="Drop variants the judge gives p(label) below this (default: 0.1).")] = None,
+    min_inversion_psnr: Annotated[Optional[float], typer.Option(
+        help="Failed reconstruction: dB of the round trip against the VAE's own reconstruction (default: 20).")] = None,
+    min_recon_psnr: Annotated[Optional[float], typer.Option(
+        help="Failed reconstruction: dB of the round trip against the input (default: off).")] = None,
+    memorization_filter: Annotated[Optional[bool], typer.Option(
+        "--memorization-filter/--no-memorization-filter",
+        help="Drop near-copies of training images (default: on).")] = None,
     prompts: Annotated[Optional[str], typer.Option(help="Prompt file (default: the adapter's, else ham10000).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Base seed; each variant's seed derives from it, its source and index.")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        help="Base seed; each variant's seed derives from it, its source and index.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Source images per batch (default: 8).")] = None,
     dtype: Annotated[Optional[DType], typer.Option(help="auto: fp16 on CUDA, fp32 on CPU.")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the UNet.")] = None,
-    feature_cache: Annotated[Optional[int], typer.Option(min=1, help="Recompute the UNet's deep features every N DDIM steps (DeepCache): 1 = exact (default), 2-3 faster at some round-trip PSNR.")] = None,
+    feature_cache: Annotated[Optional[int], typer.Option(
+        min=1, help="Recompute the UNet's deep features every N DDIM steps (DeepCache): "
+                    "1 = exact (default), 2-3 faster at some round-trip PSNR.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle weights (.ckpt/.bin).")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Decoded-image cache for the training-set index.")] = None,
     overwrite: OverwriteOpt = False,
@@ -207,7 +240,8 @@ def mine_and_generate(
                     "min_recon_psnr": min_recon_psnr, "memorization": memorization_filter},
     }
     defaults = load_yaml(config) if config is not None else {}
-    run_config = from_dict(SynthesisConfig, merge(defaults, _given(overrides)), where=str(config or "mine-and-generate"))
+    run_config = from_dict(SynthesisConfig, merge(defaults, _given(overrides)),
+                           where=str(config or "mine-and-generate"))
     summary = run_mine_and_generate(run_config, overwrite=overwrite)
     if summary.get("leakage_warning"):
         typer.echo(f"WARNING: {summary['leakage_warning']}", err=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from lesiongen.cli.app import app
 from typer.testing import CliRunner
 
+from lesiongen.cli.app import app
 from lesiongen.diffusion.loading import load_pipeline, pipeline_hash
 
 runner = CliRunner(env={"COLUMNS": "500"})  # rich would wrap long paths in error boxes

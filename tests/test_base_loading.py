@@ -171,8 +171,9 @@ def test_single_file_round_trip_sd15_layout(tmp_path, monkeypatch):
 
 
 def test_base_export_cli_round_trip(tiny_pipeline_dir, tmp_path):
-    from lesiongen.cli.app import app
     from typer.testing import CliRunner
+
+    from lesiongen.cli.app import app
 
     out = tmp_path / "tiny.safetensors"
     result = CliRunner().invoke(app, ["base", "export", str(tiny_pipeline_dir), "--out", str(out), "--fp32"])

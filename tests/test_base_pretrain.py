@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
-from lesiongen.cli.app import app
 from typer.testing import CliRunner
 
+from lesiongen.cli.app import app
 from lesiongen.diffusion.loading import load_pipeline
 from lesiongen.diffusion.pretrain import PretrainConfig, UnetStageConfig, VaeStageConfig, pretrain_base
 from lesiongen.diffusion.pretrain import checkpoints as ckpt

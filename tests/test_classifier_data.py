@@ -51,7 +51,8 @@ def test_geometric_augmentation_without_crop_is_an_exact_dihedral_transform():
     out = DeviceAugment(config, 24)(images)
     seen = set()
     for image, result in zip(images, out):
-        matches = [k for k, view in enumerate(tta_views(image[None], "dihedral")) if torch.allclose(view[0], result, atol=1e-5)]
+        matches = [k for k, view in enumerate(tta_views(image[None], "dihedral"))
+                   if torch.allclose(view[0], result, atol=1e-5)]
         assert len(matches) == 1
         seen.add(matches[0])
     assert len(seen) > 3  # the transforms really vary
@@ -132,7 +133,8 @@ def test_training_table_mixes_synthetic_rows_with_cap_splits_and_weight(toy_mani
     assert table.summary["synthetic_outside_splits"] == 7
     assert table.summary["synthetic_over_cap"] == len(load_manifest(from_val).df) - len(synthetic)
     assert rows["label_index"].tolist() == [real.classes.index(c) for c in rows["label"]]
-    uncapped = training_table(real, load_synthetic([from_val], real), from_dict(TrainConfig, {"max_synthetic_ratio": None}))
+    uncapped = training_table(real, load_synthetic([from_val], real),
+                              from_dict(TrainConfig, {"max_synthetic_ratio": None}))
     assert uncapped.rows["synthetic"].sum() == len(load_manifest(from_val).df)
 
 

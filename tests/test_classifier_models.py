@@ -133,7 +133,8 @@ def test_dihedral_tta_is_invariant_to_rotating_and_flipping_the_input():
     assert torch.allclose(probs, predict_proba(model, info, torch.rot90(images, 1, (2, 3))), atol=1e-5)
     assert torch.allclose(probs, predict_proba(model, info, images.flip(2)), atol=1e-5)
     plain = ClassifierInfo("test_efficientnet", CLASSES, 32, (0.5,) * 3, (0.5,) * 3, tta="none")
-    assert not torch.allclose(predict_proba(model, plain, images), predict_proba(model, plain, images.flip(2)), atol=1e-5)
+    assert not torch.allclose(predict_proba(model, plain, images), predict_proba(model, plain, images.flip(2)),
+                              atol=1e-5)
 
 
 @pytest.mark.parametrize("tta", ["none", "flip", "dihedral"])

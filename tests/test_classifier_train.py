@@ -17,15 +17,14 @@ import pytest
 import timm
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
-
 from launch_support import failure, launch
+from safetensors.torch import load_file, save_file
+from test_classifier_data import make_synthetic_manifest
+from typer.testing import CliRunner
 
 from lesiongen.cli.app import app
 from lesiongen.data.manifest import Manifest, load_manifest, write_manifest
 from lesiongen.utils.hashing import sha256_file
-from test_classifier_data import make_synthetic_manifest
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 PREDICTION_COLUMNS = ["image", "label", "split", "group_id", "pred", "correct", "loss", "margin"] + \
@@ -215,13 +214,15 @@ def test_evaluate_refuses_an_empty_split(trained, toy_manifest, tmp_path):
     path = tmp_path / "syn-test.csv"
     write_manifest(Manifest(manifest.df.assign(synthetic=(manifest.df["split"] == "test").astype(int)),
                             manifest.root, manifest.classes), path)
-    result = cli("evaluate", "--model", trained, "--manifest", path, "--split", "test", "--out", tmp_path / "e", expect=2)
+    result = cli("evaluate", "--model", trained, "--manifest", path, "--split", "test", "--out", tmp_path / "e",
+                 expect=2)
     assert "split 'test' has no real images" in result.output
 
 
 def test_compare_two_models_paired(trained, toy_manifest, recipe, tmp_path):
     other = tmp_path / "other"
-    cli("train-classifier", "--manifest", toy_manifest, "--config", recipe, "--epochs", "1", "--seed", "1", "--out", other)
+    cli("train-classifier", "--manifest", toy_manifest, "--config", recipe, "--epochs", "1", "--seed", "1",
+        "--out", other)
     out = tmp_path / "compare"
     result = cli("evaluate", "--compare", trained, other, "--manifest", toy_manifest, "--split", "test",
                  "--bootstrap", "30", "--out", out)
@@ -284,7 +285,8 @@ def colour_manifest(folder) -> str:
             image = f"images/{name}-{i}.png"
             (folder / "images").mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels).save(folder / image)
-            rows.append({"image": image, "label": name, "split": "train" if i < 12 else "val", "group_id": f"{name}{i}"})
+            rows.append({"image": image, "label": name, "split": "train" if i < 12 else "val",
+                         "group_id": f"{name}{i}"})
     write_manifest(Manifest(pd.DataFrame(rows), folder, CLASSES), folder / "manifest.csv")
     return str(folder / "manifest.csv")
 

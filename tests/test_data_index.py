@@ -76,12 +76,14 @@ def test_index_is_deterministic_and_refuses_to_overwrite(toy_data_dir, toy_manif
 
 def test_missing_required_column(tiny_labels_dir):
     rewrite_labels(tiny_labels_dir, lambda df: df.drop(columns=["label"], inplace=True))
-    message = cli_error(["data", "index", str(tiny_labels_dir / "labels.csv"), "--out", str(tiny_labels_dir / "m.csv"), "--format", "labels"])
+    message = cli_error(["data", "index", str(tiny_labels_dir / "labels.csv"), "--out", str(tiny_labels_dir / "m.csv"),
+                         "--format", "labels"])
     assert "labels.csv" in message and "missing required column(s) ['label']" in message
 
 
 def test_missing_required_column_ham(tmp_path):
-    pd.DataFrame({"lesion_id": ["L1"], "image_id": ["x"], "diagnosis": ["mel"]}).to_csv(tmp_path / "meta.csv", index=False)
+    pd.DataFrame({"lesion_id": ["L1"], "image_id": ["x"], "diagnosis": ["mel"]}).to_csv(
+        tmp_path / "meta.csv", index=False)
     with pytest.raises(InputError, match=r"meta.csv: missing required column\(s\) \['dx'\]"):
         index_dataset(tmp_path / "meta.csv", tmp_path / "m.csv", fmt="ham10000")
 
@@ -94,7 +96,8 @@ def test_unknown_label(tiny_labels_dir):
 
 
 def test_empty_label_cell(tiny_labels_dir):
-    rewrite_labels(tiny_labels_dir, lambda df: df.__setitem__("label", ["" if i == 4 else v for i, v in enumerate(df["label"])]))
+    rewrite_labels(tiny_labels_dir,
+                   lambda df: df.__setitem__("label", ["" if i == 4 else v for i, v in enumerate(df["label"])]))
     with pytest.raises(InputError, match=r"labels.csv row 6, column 'label': empty label"):
         index_dataset(tiny_labels_dir, tiny_labels_dir / "m.csv")
 
@@ -187,7 +190,8 @@ def test_isic_row_with_two_classes_and_unknown_class(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "ISIC_1.png")
     truth = tmp_path / "ISIC_2019_Training_GroundTruth.csv"
     truth.write_text("image,MEL,NV,UNK\nISIC_1,1.0,1.0,0.0\n")
-    with pytest.raises(InputError, match=r"row 2: expected exactly one of \['MEL', 'NV', 'UNK'\] set to 1, found \['MEL', 'NV'\]"):
+    with pytest.raises(InputError, match=r"row 2: expected exactly one of \['MEL', 'NV', 'UNK'\] set to 1, "
+                                         r"found \['MEL', 'NV'\]"):
         index_dataset(tmp_path, tmp_path / "m.csv")
     truth.write_text("image,MEL,NV,UNK\nISIC_1,0.0,0.0,1.0\n")
     with pytest.raises(InputError, match=r"row 2: unknown label 'UNK'"):
@@ -197,7 +201,8 @@ def test_isic_row_with_two_classes_and_unknown_class(tmp_path):
 def test_bad_flags_name_the_flag(tiny_labels_dir):
     for args, flag in ((["--val", "0.6", "--test", "0.5"], "--val/--test"), (["--format", "coco"], "--format"),
                        (["--val", "-0.1"], "--val")):
-        result = runner.invoke(app, ["data", "index", str(tiny_labels_dir), "--out", str(tiny_labels_dir / "m.csv"), *args])
+        result = runner.invoke(app, ["data", "index", str(tiny_labels_dir), "--out", str(tiny_labels_dir / "m.csv"),
+                                     *args])
         assert result.exit_code == 2, result.output
         assert flag in result.output
 

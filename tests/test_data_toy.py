@@ -44,7 +44,8 @@ def test_fixture_layout_and_lesion_groups(toy_data_dir):
 def test_views_of_one_lesion_differ(toy_data_dir):
     rows = pd.read_csv(Path(toy_data_dir) / "labels.csv", dtype=str)
     group = rows["group_id"].value_counts().index[0]
-    a, b = (np.asarray(Image.open(Path(toy_data_dir) / p), dtype=float) for p in rows.loc[rows["group_id"] == group, "image"][:2])
+    a, b = (np.asarray(Image.open(Path(toy_data_dir) / p), dtype=float)
+            for p in rows.loc[rows["group_id"] == group, "image"][:2])
     assert np.abs(a - b).mean() > 2  # another crop / rotation, not a copy
 
 
@@ -66,7 +67,8 @@ def test_refuses_to_overwrite_a_filled_folder(tmp_path):
 
 def test_cli_toy_at_128px_indexes_cleanly(tmp_path):
     out = tmp_path / "toy"
-    result = runner.invoke(app, ["data", "toy", "--out", str(out), "--n-per-class", "5", "--size", "128", "--seed", "2"])
+    result = runner.invoke(app, ["data", "toy", "--out", str(out), "--n-per-class", "5", "--size", "128",
+                                 "--seed", "2"])
     assert result.exit_code == 0, result.output
     rows = pd.read_csv(out / "labels.csv")
     assert len(rows) == 35 and Image.open(out / rows["image"][0]).size == (128, 128)

@@ -7,10 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from launch_support import failure, launch
 from PIL import Image
 from typer.testing import CliRunner
-
-from launch_support import failure, launch
 
 from lesiongen.cli.app import app
 from lesiongen.data.manifest import load_manifest
@@ -116,8 +115,13 @@ def test_fast_renderer_matches_the_plain_pipeline(finetuned_adapter_dir, tiny_pi
     opt-in) change sums' order, not the images."""
     from lesiongen.data.prompts import load_prompts
     from lesiongen.diffusion.adapters import load_adapted_pipeline
-    from lesiongen.diffusion.generate import (GenerationSettings, Renderer, class_requests, optimize_for_inference,
-                                              set_scheduler)
+    from lesiongen.diffusion.generate import (
+        GenerationSettings,
+        Renderer,
+        class_requests,
+        optimize_for_inference,
+        set_scheduler,
+    )
 
     prompts = load_prompts("ham10000")
     requests = class_requests(prompts, {"mel": 1, "nv": 1}, seed=5)

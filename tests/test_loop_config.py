@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from lesiongen.cli.app import app
 from typer.testing import CliRunner
 
+from lesiongen.cli.app import app
 from lesiongen.errors import InputError
 from lesiongen.loop.config import (
     ClassicalConfig,

@@ -196,8 +196,14 @@ def test_evaluate_images_refuses_mismatched_resolutions(toy_manifest):
 
 def test_in_memory_images_as_finetune_validation_uses_them(toy_manifest):
     """Generated images held as tensors go through the same evaluation (here: copies are caught)."""
-    from lesiongen.metrics.quality import (ImageSet, QualityConfig, evaluate_images, feature_spaces,
-                                           load_image_set, native_resolutions)
+    from lesiongen.metrics.quality import (
+        ImageSet,
+        QualityConfig,
+        evaluate_images,
+        feature_spaces,
+        load_image_set,
+        native_resolutions,
+    )
 
     rows = load_manifest(toy_manifest).split("train")
     real = load_image_set(rows, 64, classes=rows.classes, sizes=native_resolutions(rows.image_paths()),

@@ -92,7 +92,8 @@ def test_frechet_distance_matches_the_pytorch_fid_formula():
 
     generator = torch.Generator().manual_seed(1)
     real = torch.randn(500, 16, generator=generator, dtype=torch.float64)
-    fake = torch.randn(400, 16, generator=generator, dtype=torch.float64) @ torch.randn(16, 16, generator=generator, dtype=torch.float64) * 0.3
+    fake = (torch.randn(400, 16, generator=generator, dtype=torch.float64)
+            @ torch.randn(16, 16, generator=generator, dtype=torch.float64) * 0.3)
     mu1, mu2 = real.mean(0).numpy(), fake.mean(0).numpy()
     s1, s2 = np.cov(real.numpy(), rowvar=False), np.cov(fake.numpy(), rowvar=False)
     covmean = linalg.sqrtm(s1.dot(s2)).real

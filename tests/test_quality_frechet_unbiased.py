@@ -54,7 +54,8 @@ def test_gaussian_frechet_closed_form_and_symmetry():
 
 def test_seeded_and_fewer_dimensions_than_components():
     std = torch.ones(8, dtype=torch.float64)
-    real, fake = gaussian(300, std, seed=4), gaussian(300, std, seed=5, shift=torch.full((8,), 0.5, dtype=torch.float64))
+    real, fake = (gaussian(300, std, seed=4),
+                  gaussian(300, std, seed=5, shift=torch.full((8,), 0.5, dtype=torch.float64)))
     first = frechet_distance_infinity(real, fake, seed=7)
     assert first == frechet_distance_infinity(real, fake, seed=7)
     assert first.components == 8  # 8-d features: all of them, i.e. FD∞ of the full distributions

@@ -10,9 +10,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from lesiongen.cli.app import app
 from typer.testing import CliRunner
 
+from lesiongen.cli.app import app
 from lesiongen.report.document import Callout, Document, Figure, Heading, Table, to_html, to_markdown
 
 CHROMIUM_INSTALL = "apt-get install -y chromium"

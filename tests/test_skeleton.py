@@ -29,7 +29,8 @@ def test_help_lists_every_command_group():
 
 
 def test_cli_import_does_not_load_heavy_libraries():
-    code = "import sys, lesiongen.cli.app; print(sorted(m for m in ('torch','diffusers','timm','pandas') if m in sys.modules))"
+    code = ("import sys, lesiongen.cli.app; "
+            "print(sorted(m for m in ('torch','diffusers','timm','pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -146,7 +147,8 @@ def test_prompt_file_errors_name_the_class(tmp_path):
     bad.write_text("classes:\n  mel: {name: melanoma, token: 'MEL', init_words: [melanoma]}\n")
     with pytest.raises(InputError, match="class 'mel': token 'MEL'"):
         load_prompts(bad)
-    bad.write_text("classes:\n  mel: {name: melanoma, token: '<m>', init_words: [x]}\ntemplates: ['{token} on {planet}']\n")
+    bad.write_text("classes:\n  mel: {name: melanoma, token: '<m>', init_words: [x]}\n"
+                   "templates: ['{token} on {planet}']\n")
     with pytest.raises(InputError, match="unknown field"):
         load_prompts(bad)
 

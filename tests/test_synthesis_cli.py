@@ -15,9 +15,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
-
 from launch_support import failure, launch
+from typer.testing import CliRunner
 
 from lesiongen.cli.app import app
 from lesiongen.data.manifest import load_manifest
@@ -92,7 +91,8 @@ def test_mine_invert_vary_filter_traces_every_row_back(made, toy_manifest, tiny_
     candidates = pd.read_csv(out / "candidates.csv")
     assert len(candidates) == 4 and summary["variants"] == 4 and summary["kept"] == len(synthetic) > 0
     assert synthetic.classes == load_manifest(toy_manifest).classes
-    assert summary["adapter_hash"] and summary["label_filter"].startswith("on") and summary["memorization_filter"] == "on"
+    assert (summary["adapter_hash"] and summary["label_filter"].startswith("on")
+            and summary["memorization_filter"] == "on")
     # inverted only as far as strength 0.4 of 50 steps reaches, and the round trip measured from there
     assert summary["inversion_depth"] == 20 and (synthetic.df["inversion_depth"].astype(int) == 20).all()
     mined = hard.set_index("image")

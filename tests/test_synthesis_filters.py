@@ -7,8 +7,13 @@ import torch
 
 from lesiongen.data.images import load_uint8
 from lesiongen.data.manifest import load_manifest
-from lesiongen.synthesis.filters import (FilterConfig, VariantFilter, build_memorization_index,
-                                         reconstruction_verdicts, resize_uint8)
+from lesiongen.synthesis.filters import (
+    FilterConfig,
+    VariantFilter,
+    build_memorization_index,
+    reconstruction_verdicts,
+    resize_uint8,
+)
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 
@@ -29,7 +34,8 @@ def melanoma_classifier(tmp_path_factory):
     with torch.no_grad():
         model.get_classifier().bias[CLASSES.index("mel")] = 50.0
     folder = tmp_path_factory.mktemp("classifier")
-    save_classifier(model, ClassifierInfo("test_efficientnet", CLASSES, 32, (0.5,) * 3, (0.5,) * 3, load_size=48), folder)
+    save_classifier(model, ClassifierInfo("test_efficientnet", CLASSES, 32, (0.5,) * 3, (0.5,) * 3, load_size=48),
+                    folder)
     return load_classifier(folder)
 
 

@@ -13,10 +13,22 @@ import torch
 from synthesis_support import toy_batch
 
 from lesiongen.synthesis.conditioning import Conditioning
-from lesiongen.synthesis.inversion import (DDIMSchedule, InversionConfig, ddim_sample, invert, measure_round_trip,
-                                           optimize_null_text)
-from lesiongen.synthesis.variants import (ClassifierGuidance, VariantConfig, fit_image_embeddings, sample_variants,
-                                          start_latents, variant_seed)
+from lesiongen.synthesis.inversion import (
+    DDIMSchedule,
+    InversionConfig,
+    ddim_sample,
+    invert,
+    measure_round_trip,
+    optimize_null_text,
+)
+from lesiongen.synthesis.variants import (
+    ClassifierGuidance,
+    VariantConfig,
+    fit_image_embeddings,
+    sample_variants,
+    start_latents,
+    variant_seed,
+)
 
 # Round trip with 50 steps, guidance 1 and fixed-point inversion: measured 0.3-0.5 % on toy images.
 LATENT_TOLERANCE = 0.02  # ||z_rec - z|| / ||z||
@@ -134,7 +146,8 @@ def test_image_embedding_fits_its_image(pipe, batch):
             t = torch.randint(0, 1000, (len(latents),), generator=generator)
             noise = torch.randn(latents.shape, generator=generator)
             with torch.no_grad():
-                out = pipe.unet(schedule.sampler.add_noise(latents, noise, t), t, encoder_hidden_states=embeddings).sample
+                out = pipe.unet(schedule.sampler.add_noise(latents, noise, t), t,
+                                encoder_hidden_states=embeddings).sample
             total += (out - noise).pow(2).mean().item()
         return total
 

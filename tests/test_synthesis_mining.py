@@ -18,8 +18,13 @@ from typer.testing import CliRunner
 from lesiongen.cli.app import app
 from lesiongen.data.manifest import load_manifest
 from lesiongen.errors import InputError
-from lesiongen.synthesis.mining import (LEAKAGE_WARNING, MiningConfig, NoHardCasesError, load_predictions,
-                                        mine_hard_cases)
+from lesiongen.synthesis.mining import (
+    LEAKAGE_WARNING,
+    MiningConfig,
+    NoHardCasesError,
+    load_predictions,
+    mine_hard_cases,
+)
 from lesiongen.utils.hashing import sha256_file
 
 runner = CliRunner()

@@ -138,12 +138,11 @@ def evaluate_model(model_dir: str | os.PathLike, manifest_path: str | os.PathLik
     from accelerate import Accelerator
 
     from lesiongen.classifier.config import TTA_MODES
-
     from lesiongen.classifier.data import decode, real_split
     from lesiongen.classifier.models import load_classifier
     from lesiongen.classifier.predict import predict_distributed
-    from lesiongen.utils.cache import cache_root
     from lesiongen.data.manifest import load_manifest
+    from lesiongen.utils.cache import cache_root
 
     accelerator = accelerator or Accelerator()
     if tta is not None and tta not in TTA_MODES:

@@ -148,8 +148,8 @@ class ClassifierTrainer:
 
     def setup(self) -> None:
         """Validate the inputs, create the model, decode the data, and prepare everything with accelerate."""
-        from lesiongen.utils.cache import cache_root
         from lesiongen.data.manifest import load_manifest
+        from lesiongen.utils.cache import cache_root
 
         cfg, acc = self.config, self.accelerator
         cache = self.cache_dir or cache_root()

@@ -18,7 +18,6 @@ from lesiongen.errors import InputError
 from lesiongen.utils.atomic import atomic_path
 from lesiongen.utils.cache import cache_root
 
-
 # Top-level modules of EfficientNet-PyTorch -> timm.
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 # Inside a block. The first stage has no expansion conv (timm's DepthwiseSeparableConv), the others do

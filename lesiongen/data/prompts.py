@@ -120,7 +120,8 @@ def load_prompts(path_or_dataset: str | os.PathLike = "ham10000") -> PromptSet:
             raise InputError(f"{where}: token '{spec['token']}' must look like <lowercase-name>")
         words = spec["init_words"]
         words = [words] if isinstance(words, str) else list(words)
-        classes[str(key)] = ClassPrompt(str(key), spec["name"], spec["token"], tuple(words), spec.get("description", ""))
+        classes[str(key)] = ClassPrompt(str(key), spec["name"], spec["token"], tuple(words),
+                                        spec.get("description", ""))
     tokens = [c.token for c in classes.values()]
     if len(set(tokens)) != len(tokens):
         raise InputError(f"{path}: learned tokens must be unique per class, got {tokens}")

@@ -53,7 +53,8 @@ def extract_inception_features(images: Tensor, feature: int = 2048, *, batch_siz
 
 def _check_features(real: Tensor, fake: Tensor) -> None:
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
-        raise InputError(f"feature sets must be (N, D) with the same D, got {tuple(real.shape)} and {tuple(fake.shape)}")
+        raise InputError("feature sets must be (N, D) with the same D, "
+                         f"got {tuple(real.shape)} and {tuple(fake.shape)}")
 
 
 def fid_shortfall(n_real: int, n_fake: int, dim: int) -> str | None:

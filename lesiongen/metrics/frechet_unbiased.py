@@ -104,7 +104,8 @@ def frechet_distance_infinity(real: Tensor, fake: Tensor, *, components: int = D
     With D <= `components` the projection is a rotation and FD∞ estimates the full Fréchet distance.
     """
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
-        raise InputError(f"feature sets must be (N, D) with the same D, got {tuple(real.shape)} and {tuple(fake.shape)}")
+        raise InputError("feature sets must be (N, D) with the same D, "
+                         f"got {tuple(real.shape)} and {tuple(fake.shape)}")
     if components < 1:
         raise InputError(f"FD∞ components must be >= 1, got {components}")
     components = min(components, real.shape[1])  # fewer dimensions than that: all of them (a rotation)
@@ -115,7 +116,8 @@ def frechet_distance_infinity(real: Tensor, fake: Tensor, *, components: int = D
     needed = min_images(components, fractions)
     if min(len(real), len(fake)) < needed:
         raise InputError(f"FD∞ in {components} principal directions needs >= {needed} feature vectors per set "
-                         f"({MIN_IMAGES_PER_COMPONENT} per direction in the smallest subset, fraction {min(fractions)}); "
+                         f"({MIN_IMAGES_PER_COMPONENT} per direction in the smallest subset, "
+                         f"fraction {min(fractions)}); "
                          f"got {len(real)} and {len(fake)}. Use KID, or fewer components")
     real, fake = real.to(torch.float64), fake.to(torch.float64)
     basis = principal_directions(real, fake, components)

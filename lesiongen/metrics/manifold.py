@@ -41,7 +41,8 @@ def kth_neighbour_radii(features: Tensor, k: int = DEFAULT_K) -> Tensor:
 def prdc(real: Tensor, fake: Tensor, k: int = DEFAULT_K) -> dict:
     """Precision / recall / density / coverage of `fake` against `real` features (N, D)."""
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
-        raise InputError(f"feature sets must be (N, D) with the same D, got {tuple(real.shape)} and {tuple(fake.shape)}")
+        raise InputError("feature sets must be (N, D) with the same D, "
+                         f"got {tuple(real.shape)} and {tuple(fake.shape)}")
     if k < 1:
         raise InputError(f"k must be >= 1, got {k}")
     real_radii = kth_neighbour_radii(real, k)

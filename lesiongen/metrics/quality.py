@@ -104,7 +104,8 @@ class ImageSet:
             raise InputError(f"{len(self.images)} images, {len(self.labels)} labels, {len(self.ids)} ids")
 
     @classmethod
-    def from_tensor(cls, images: Tensor, labels: Tensor, classes: list[str], description: dict | None = None) -> ImageSet:
+    def from_tensor(cls, images: Tensor, labels: Tensor, classes: list[str],
+                    description: dict | None = None) -> ImageSet:
         """Images held in memory (e.g. fine-tuning validation samples): ids and groups are positions."""
         ids = [str(i) for i in range(len(images))]
         return cls(images, labels.to(torch.long), list(classes), ids, ids, description or {"n_images": len(images)})
@@ -243,7 +244,8 @@ def classifier_space(classifier_dir: str | os.PathLike, *, batch_size: int, devi
         name="domain",
         description={"name": f"classifier penultimate features ({info.arch})", "classifier": str(classifier_dir),
                      "arch": info.arch, "feature_dim": info.num_features or None, "img_size": info.img_size,
-                     "tta_for_class_fidelity": info.tta, "weights_sha256": sha256_file(Path(classifier_dir) / MODEL_FILE),
+                     "tta_for_class_fidelity": info.tta,
+                     "weights_sha256": sha256_file(Path(classifier_dir) / MODEL_FILE),
                      "input": f"resized to {info.img_size}x{info.img_size} by the classifier (bilinear, antialiased)"},
         extract=lambda images: _probs_and_features(model, info, images, batch_size),
         classes=list(info.classes),
@@ -381,8 +383,10 @@ def evaluate_images(real: ImageSet, synthetic: ImageSet, *, spaces: list[Feature
     classifier = next((space for space in spaces if space.classes is not None), None)
     if classifier is not None:
         real_probs, synthetic_probs = features[classifier.name][0]["probs"], features[classifier.name][1]["probs"]
-        fidelity = {"synthetic": class_fidelity(synthetic_probs, synthetic.labels, synthetic.classes, classifier.classes),
-                    "real_reference": class_fidelity(real_probs, real.labels, real.classes, classifier.classes)}
+        fidelity = {
+            "synthetic": class_fidelity(synthetic_probs, synthetic.labels, synthetic.classes, classifier.classes),
+            "real_reference": class_fidelity(real_probs, real.labels, real.classes, classifier.classes),
+        }
 
     domain = features.get("domain")
     memorization_index = MemorizationIndex(real.images, real_features=domain[0]["features"] if domain else None,
@@ -435,7 +439,8 @@ def evaluate_synthetic(real: Manifest, synthetic: Manifest, classifier_dir: str 
     config = config or QualityConfig()
     if out_dir is not None:
         ensure_writable(Path(out_dir) / "quality.json", overwrite, what="quality report")
-    real_rows = select_rows(real, synthetic=False, split=config.real_split, max_images=config.max_real, seed=config.seed)
+    real_rows = select_rows(real, synthetic=False, split=config.real_split, max_images=config.max_real,
+                            seed=config.seed)
     synthetic_rows = select_rows(synthetic, synthetic=True, max_images=config.max_synthetic, seed=config.seed)
     real_sizes = native_resolutions(real_rows.image_paths())
     synthetic_sizes = native_resolutions(synthetic_rows.image_paths())

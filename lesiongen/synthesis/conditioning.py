@@ -24,7 +24,8 @@ class Conditioning:
         if self.scale != 1.0 and self.uncond is None:
             raise ValueError("classifier-free guidance (scale != 1) needs an unconditional embedding")
         if self.uncond is not None and self.uncond.shape[-3:] != self.cond.shape:
-            raise ValueError(f"unconditional embeddings {tuple(self.uncond.shape)} do not match {tuple(self.cond.shape)}")
+            raise ValueError(f"unconditional embeddings {tuple(self.uncond.shape)} "
+                             f"do not match {tuple(self.cond.shape)}")
 
     @property
     def guided(self) -> bool:

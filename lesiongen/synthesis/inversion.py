@@ -187,7 +187,8 @@ def optimize_null_text(unet, schedule: DDIMSchedule, levels: list[torch.Tensor],
     best embedding seen (the starting one included), so a step never ends further off than it began.
     """
     if conditioning.uncond is None or not conditioning.guided:
-        raise ValueError("null-text inversion needs classifier-free guidance (scale > 1) and an unconditional embedding")
+        raise ValueError("null-text inversion needs classifier-free guidance (scale > 1) "
+                         "and an unconditional embedding")
     cond = conditioning.cond.detach()
     best = conditioning.uncond_at(0).detach().float().clone()
     latents = levels[-1]
@@ -220,7 +221,8 @@ def optimize_null_text(unet, schedule: DDIMSchedule, levels: list[torch.Tensor],
             optimizer.step()
         per_step.append(best.to(cond.dtype, copy=True))  # `best` keeps changing in the next steps
         with torch.no_grad():
-            latents = _unet_step(unet, schedule.sampler, latents, timestep, Conditioning(cond, per_step[-1], conditioning.scale), 0)
+            latents = _unet_step(unet, schedule.sampler, latents, timestep,
+                                 Conditioning(cond, per_step[-1], conditioning.scale), 0)
     return torch.stack(per_step)
 
 

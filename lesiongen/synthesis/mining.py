@@ -71,7 +71,8 @@ class MiningConfig:
             raise ValueError(f"loss_quantile must be in (0, 1) or null, got {self.loss_quantile}")
         quotas = self.per_class_quota.values() if isinstance(self.per_class_quota, dict) else [self.per_class_quota]
         if any(q is not None and (not isinstance(q, int) or q < 1) for q in quotas):
-            raise ValueError(f"per_class_quota must be a positive integer (or class -> integer), got {self.per_class_quota}")
+            raise ValueError("per_class_quota must be a positive integer (or class -> integer), "
+                             f"got {self.per_class_quota}")
         if self.max_per_lesion is not None and self.max_per_lesion < 1:
             raise ValueError(f"max_per_lesion must be >= 1 or null, got {self.max_per_lesion}")
         if self.max_cases is not None and self.max_cases < 1:
@@ -203,7 +204,8 @@ def mine_hard_cases(predictions: Predictions, config: MiningConfig) -> MiningRes
     df["reason"] = reason
 
     if isinstance(config.per_class_quota, dict) and set(config.per_class_quota) - set(classes):
-        raise InputError(f"per-class quota names unknown class(es) {sorted(set(config.per_class_quota) - set(classes))}; "
+        raise InputError("per-class quota names unknown class(es) "
+                         f"{sorted(set(config.per_class_quota) - set(classes))}; "
                          f"classes are {classes}")
     weights = confusion_weight_table(config.confusion_weights, classes)
     df["confusion_weight"] = [weights.get(pair, 1.0) for pair in zip(df["label"], df["confused_with"])]

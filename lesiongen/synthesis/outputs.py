@@ -110,7 +110,8 @@ def write_outputs(out: Path, hard_cases: pd.DataFrame, records: list[dict], clas
     else:  # every reconstruction failed: an empty manifest that still has the contract's header
         kept = pd.DataFrame(columns=[*REQUIRED_COLUMNS, *SYNTHETIC_COLUMNS])
     manifest = Manifest(kept.reset_index(drop=True), out, list(classes))
-    write_manifest(manifest, out / MANIFEST, **manifest_meta, **({"leakage_warning": leakage_warning} if leakage_warning else {}))
+    write_manifest(manifest, out / MANIFEST, **manifest_meta,
+                   **({"leakage_warning": leakage_warning} if leakage_warning else {}))
     summary = {**summary, **_counts(records, candidates)}
     if leakage_warning:
         summary = {"leakage_warning": leakage_warning, **summary}

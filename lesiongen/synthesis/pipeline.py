@@ -399,8 +399,13 @@ def make_and_filter(sources: pd.DataFrame, inversion, config: SynthesisConfig, g
                     variant_filter: VariantFilter, guide) -> list[list[dict]]:
     """For each source: its variants (pixels, seed, filter scores, keep), in variant order."""
     from lesiongen.synthesis.conditioning import Conditioning
-    from lesiongen.synthesis.variants import (ClassifierGuidance, fit_image_embeddings, interpolate_embeddings,
-                                              sample_variants, variant_seed)
+    from lesiongen.synthesis.variants import (
+        ClassifierGuidance,
+        fit_image_embeddings,
+        interpolate_embeddings,
+        sample_variants,
+        variant_seed,
+    )
 
     g, vcfg, k = generator, config.variants, config.variants.per_image
     images, labels = list(sources["image"]), list(sources["label"])

@@ -121,7 +121,8 @@ def fit_image_embeddings(unet, schedule: DDIMSchedule, clean: torch.Tensor, init
         timesteps = torch.stack([torch.randint(0, num_train, (), generator=g) for g in generators]).to(clean.device)
         noise = torch.stack([torch.randn(clean.shape[1:], generator=g) for g in generators]).to(clean)
         noisy = sampler.add_noise(clean, noise, timesteps)
-        target = sampler.get_velocity(clean, noise, timesteps) if sampler.config.prediction_type == "v_prediction" else noise
+        target = (sampler.get_velocity(clean, noise, timesteps) if sampler.config.prediction_type == "v_prediction"
+                  else noise)
         with torch.enable_grad():
             prediction = unet(noisy, timesteps, encoder_hidden_states=embeddings.to(clean.dtype), return_dict=False)[0]
             loss = (prediction.float() - target.float()).pow(2).flatten(1).mean(1).sum()
