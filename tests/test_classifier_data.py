@@ -90,6 +90,31 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch():
     assert list(other) == first
 
 
+def test_epoch_sampler_longer_than_its_population_repeats_whole_permutations():
+    sampler = EpochSampler(10, seed=1, num_samples=25)
+    order = list(sampler)
+    assert len(sampler) == len(order) == 25
+    assert sorted(order[:10]) == sorted(order[10:20]) == list(range(10))  # each row once per pass
+    assert len(set(order[20:])) == 5
+    short = EpochSampler(10, seed=1, num_samples=4)
+    assert len(list(short)) == 4 and len(set(short)) == 4
+
+
+@pytest.mark.parametrize("sampler_balance", [0.0, 0.5])
+def test_epoch_length_real_keeps_the_steps_of_the_real_only_classifier(toy_manifest, tmp_path, sampler_balance):
+    real = load_manifest(toy_manifest)
+    synthetic = make_synthetic_manifest(toy_manifest, tmp_path / "a", split="train", per_class=3)
+    steps = {}
+    for length in ("all", "real"):
+        config = from_dict(TrainConfig, {"epoch_length": length, "sampler_balance": sampler_balance})
+        table = training_table(real, load_synthetic([synthetic], real), config)
+        sampler = training_sampler(table, config)
+        assert all(0 <= i < len(table.rows) for i in sampler)  # synthetic rows can be drawn either way
+        steps[length] = len(sampler)
+    real_rows = int((real.df["split"] == "train").sum())
+    assert steps == {"all": real_rows + 3 * len(real.classes), "real": real_rows}
+
+
 def test_balance_weights_and_balanced_sampling():
     counts = np.array([100, 10, 0, 40])
     assert torch.equal(balance_weights(counts, 0.0), torch.tensor([1.0, 1.0, 0.0, 1.0]))
@@ -155,3 +180,5 @@ def test_config_validation_names_the_key():
         from_dict(TrainConfig, {"augment": {"scale": [0.9, 0.2]}})
     with pytest.raises(InputError, match="unknown key"):
         from_dict(TrainConfig, {"learning_rate": 0.1})
+    with pytest.raises(InputError, match=r"epoch_length must be one of \['all', 'real'\]"):
+        from_dict(TrainConfig, {"epoch_length": "synthetic"})

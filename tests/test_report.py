@@ -170,3 +170,20 @@ def test_arms_short_of_the_mined_counts_are_named_with_their_counts():
               model("random", 0, {"bcc": 2, "df": 4}), model("random", 1, {"bcc": 3})]
     gaps = budget_gaps(Results({"models": models}), ["bcc", "df"])
     assert gaps == {"random": {"bcc": (2.5, 11.0)}}  # df: 4 in the one seed that has it, as in mined
+
+
+@pytest.mark.parametrize("epoch_length, says", [
+    ("all", "also takes more optimizer steps than the real-only classifier"),
+    ("real", "all arms take the same optimizer steps"),
+])
+def test_report_says_whether_the_arms_took_equal_steps(tiny_loop_run, tmp_path, epoch_length, says):
+    import yaml
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_loop_run.run_dir, run_dir, ignore=shutil.ignore_patterns("metrics.json", "report*"))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["classifier"]["epoch_length"] = epoch_length
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert says in (run_dir / "report.md").read_text(encoding="utf-8")

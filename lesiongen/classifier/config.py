@@ -12,6 +12,7 @@ from lesiongen.data.manifest import SPLITS
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 TTA_MODES = ("none", "flip", "dihedral")
+EPOCH_LENGTHS = ("all", "real")
 
 
 @dataclass
@@ -67,6 +68,9 @@ class TrainConfig:
     tta: str = "dihedral"  # test-time augmentation in predict / evaluate: none | flip | dihedral
     # optimisation
     epochs: int = 30
+    # Draws per epoch: `all` one per training row, real or synthetic; `real` one per real training row, so
+    # adding synthetic images changes what the model sees, not how many steps it takes (equal compute).
+    epoch_length: str = "all"
     batch_size: int = 64  # per process; the optimizer sees batch_size x processes x grad_accum
     grad_accum: int = 1
     lr: float = 6e-4  # one-cycle peak learning rate
@@ -101,6 +105,8 @@ class TrainConfig:
         for name in ("sampler_balance", "loss_balance"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.epoch_length not in EPOCH_LENGTHS:
+            raise ValueError(f"epoch_length must be one of {list(EPOCH_LENGTHS)}, got {self.epoch_length!r}")
         for name in ("img_size", "epochs", "batch_size", "grad_accum", "eval_batch_size"):
             _positive_int(getattr(self, name), name)
         if self.img_size < 16:

@@ -149,11 +149,15 @@ class EpochSampler(Sampler[int]):
     """Training order for one epoch, a pure function of (seed, epoch): every process draws the same
     sequence (accelerate shards it) and a resumed run redraws the interrupted epoch exactly.
 
-    Without weights it is a permutation; with weights, `num_samples` draws with replacement.
+    An epoch is `num_samples` positions among `population` rows (default: as many as there are rows).
+    Without weights they are permutations of the rows, one after another, cut to length; with weights,
+    draws with replacement.
     """
 
-    def __init__(self, num_samples: int, weights: Tensor | None = None, seed: int = 0) -> None:
-        self.num_samples, self.weights, self.seed, self.epoch = num_samples, weights, seed, 0
+    def __init__(self, population: int, weights: Tensor | None = None, seed: int = 0,
+                 num_samples: int | None = None) -> None:
+        self.population, self.weights, self.seed, self.epoch = population, weights, seed, 0
+        self.num_samples = population if num_samples is None else num_samples
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -164,15 +168,21 @@ class EpochSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         if self.weights is None:
-            order = torch.randperm(self.num_samples, generator=generator)
+            passes = -(-self.num_samples // self.population)
+            order = torch.cat([torch.randperm(self.population, generator=generator) for _ in range(passes)])
+            order = order[:self.num_samples]
         else:
             order = torch.multinomial(self.weights.double(), self.num_samples, replacement=True, generator=generator)
         return iter(order.tolist())
 
 
 def training_sampler(table: TrainingTable, config: TrainConfig) -> EpochSampler:
+    """One epoch draws every training row once on average (`epoch_length: all`), or as many rows as there are
+    real training images (`real`), so that synthetic images replace real draws instead of adding steps."""
+    rows = len(table.rows)
+    draws = rows if config.epoch_length == "all" else int((~table.rows["synthetic"]).sum())
     if config.sampler_balance == 0:
-        return EpochSampler(len(table.rows), None, config.seed)
+        return EpochSampler(rows, None, config.seed, num_samples=draws)
     per_class = balance_weights(table.class_counts(), config.sampler_balance)
     per_image = per_class[torch.tensor(table.rows["label_index"].to_numpy())]
-    return EpochSampler(len(table.rows), per_image, config.seed)
+    return EpochSampler(rows, per_image, config.seed, num_samples=draws)

@@ -69,6 +69,13 @@ def build_document(run_dir: str | Path) -> Document:
 def _overview(summary: dict, config: LoopConfig, gaps: dict[str, dict[str, tuple[float, float]]]) -> list:
     sizes = summary.get("split_sizes", {})
     base = config.base.description
+    if config.classifier.epoch_length == "real":
+        steps_line = ("Every arm trains for the same number of epochs of as many draws as there are real training "
+                      "images (`epoch_length: real`), so all arms take the same optimizer steps and synthetic images "
+                      "replace real draws")
+    else:
+        steps_line = ("Every arm trains for the same number of epochs, so an arm with synthetic images also takes "
+                      "more optimizer steps than the real-only classifier (`epoch_length: all`)")
     lines = [
         f"Data: {sum(sizes.values())} real images (train {sizes.get('train', 0)}, val {sizes.get('val', 0)}, "
         f"test {sizes.get('test', 0)}), {len(summary['classes'])} classes; lesion-aware split.",
@@ -78,8 +85,8 @@ def _overview(summary: dict, config: LoopConfig, gaps: dict[str, dict[str, tuple
         f"{config.classifier.epochs} epochs, chosen on validation balanced accuracy.",
         f"{summary['rounds']} round(s), seeds {summary['seeds']}; hard cases mined on the "
         f"{summary['mining_split']} split; the test split was used only for the numbers below.",
-        "Every arm trains for the same number of epochs, so an arm with synthetic images also takes more "
-        "optimizer steps than the real-only classifier; the classical and random arms are given as many "
+        steps_line
+        + "; the classical and random arms are given as many "
         "images per class as the mined arm, so comparing the arms with each other isolates the generator "
         "(mined vs classical) and the mining (mined vs random)" + ("." if not gaps else ", except where noted:"),
     ]
