@@ -9,6 +9,10 @@ import typer
 
 PRESET_NAMES = ("tiny", "small", "sd15")
 PredictionType = Literal["epsilon", "v_prediction"]
+# `base pretrain` flags whose name is not `--<key>` (errors about their values name the flag).
+PRETRAIN_FLAGS = {"time_budget_minutes": "--time-budget", "vae.steps": "--vae-steps",
+                  "vae.batch_size": "--vae-batch-size", "unet.steps": "--unet-steps",
+                  "unet.batch_size": "--unet-batch-size"}
 CONFIG_HELP = ("For a single-file checkpoint that is not SD 1.5-shaped: a diffusers folder with the same "
                "architecture's configs (needed offline).")
 
@@ -119,6 +123,8 @@ def pretrain(
 
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
         raise typer.BadParameter(f"'{resume}' is neither 'latest' nor a checkpoint folder", param_hint="--resume")
+    if time_limit is not None and time_limit != time_limit:  # NaN passes typer's min
+        raise typer.BadParameter("must be a number of minutes, got nan", param_hint="--time-limit")
     overrides = {
         "preset": preset, "resolution": resolution, "prompts": prompts, "seed": seed, "device": device,
         "cpu_threads": cpu_threads, "sample_every": sample_every, "checkpoint_every": checkpoint_every,
@@ -127,7 +133,7 @@ def pretrain(
         "vae": {"steps": vae_steps, "batch_size": vae_batch_size},
         "unet": {"steps": unet_steps, "batch_size": unet_batch_size, "prediction_type": prediction_type},
     }
-    resolved = resolve_config(config, overrides, out, resume)
+    resolved = resolve_config(config, overrides, out, resume, flag_names=PRETRAIN_FLAGS)
     result = pretrain_base(manifest, out, config=resolved, resume=resume, overwrite=overwrite,
                            stop_after_steps=stop_after_steps,
                            time_limit_s=time_limit * 60 if time_limit is not None else None, log=typer.echo)

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from lesiongen.errors import InputError
+from lesiongen.errors import InputError, OutputExistsError
 
 DEFAULT_TRAIN_OUT = Path("checkpoints/classifier")
 DEFAULT_EVAL_ROOT = Path("checkpoints/evaluate")
@@ -85,11 +85,12 @@ def resolve_train_config(config_file: Path | None, overrides: dict, out: Path, r
     from lesiongen.config import from_dict, load_yaml, merge, to_dict
 
     saved = out / CONFIG_FILE
+    flags = {key: value for key, value in overrides.items() if value is not None}  # errors name these flags
     if resume is not None and saved.is_file():
         base, where = load_yaml(saved), str(saved)
         if config_file is not None:
             base = merge(base, load_yaml(config_file))
-        resolved = from_dict(TrainConfig, merge(base, overrides), where=where)
+        resolved = from_dict(TrainConfig, merge(base, overrides), where=where, flags=flags)
         original = to_dict(from_dict(TrainConfig, load_yaml(saved), where=where))
         changed = {k: (original[k], v) for k, v in to_dict(resolved).items()
                    if original.get(k) != v and k not in RESUME_MAY_CHANGE}
@@ -99,7 +100,7 @@ def resolve_train_config(config_file: Path | None, overrides: dict, out: Path, r
                              "resume it unchanged or start a new --out")
         return resolved
     base = load_yaml(config_file) if config_file is not None else {}
-    return from_dict(TrainConfig, merge(base, overrides), where=str(config_file or "train-classifier"))
+    return from_dict(TrainConfig, merge(base, overrides), where=str(config_file or "train-classifier"), flags=flags)
 
 
 def evaluate(
@@ -144,9 +145,9 @@ def _evaluate_to(model: Path, manifest: Path, split: str, out: Path, settings, b
     from accelerate import Accelerator
 
     from lesiongen.classifier.evaluate import evaluate_model, write_evaluation
-    from lesiongen.utils.atomic import ensure_writable
+    from lesiongen.utils.outdir import check_replaceable
 
-    ensure_writable(out, overwrite, what="evaluation folder")  # fail before the expensive part
+    check_replaceable(out, "evaluation", overwrite, what="evaluation folder")  # fail before the expensive part
     accelerator = Accelerator()
     evaluation = evaluate_model(model, manifest, split, accelerator=accelerator, batch_size=batch_size,
                                 cache_dir=cache_dir, tta=tta)
@@ -158,24 +159,30 @@ def _evaluate_to(model: Path, manifest: Path, split: str, out: Path, settings, b
 def _compare(pair: tuple[Path, Path], manifest: Path | None, split: str, out: Path | None, settings,
              batch_size: int, cache_dir: Path | None, overwrite: bool, *, tta: str | None = None) -> None:
     from lesiongen.classifier.evaluate import compare_evaluations, read_evaluation
-    from lesiongen.classifier.models import INFO_FILE
-    from lesiongen.utils.atomic import ensure_writable, write_json
+    from lesiongen.runs import current_processes
+    from lesiongen.utils.atomic import write_json
+    from lesiongen.utils.outdir import OutputFolder
 
     out = out or DEFAULT_EVAL_ROOT / f"compare-{pair[0].resolve().name}-vs-{pair[1].resolve().name}-{split}"
-    ensure_writable(out / "comparison.json", overwrite, what="comparison")
-    evaluations = []
-    for label, source in zip(("a", "b"), pair):
-        if (source / INFO_FILE).is_file():  # a classifier: score it first
-            if manifest is None:
-                raise typer.BadParameter(f"{source} is a classifier; --manifest is needed to score it",
-                                         param_hint="--manifest")
-            if _evaluate_to(source, manifest, split, out / label, settings, batch_size, cache_dir, overwrite,
-                            tta=tta) is None:
-                return  # not the main process
-            source = out / label
-        evaluations.append(read_evaluation(source))
-    result = compare_evaluations(evaluations[0], evaluations[1], settings)
-    write_json(out / "comparison.json", result)
+    scored = [_check_compared(label, source, manifest) for label, source in zip("AB", pair)]  # before --out
+    folder = OutputFolder(out, "comparison")
+    if folder.existing and (out / "comparison.json").is_file() and not overwrite:
+        raise OutputExistsError(f"comparison {out / 'comparison.json'} already exists; pass --overwrite to replace it")
+    main = current_processes().is_main_process
+    if main:
+        folder.start(replace=folder.existing)  # an unfinished comparison holds nothing worth keeping
+    with folder.removed_on_failure(active=main):
+        evaluations = []
+        for label, source, is_classifier in zip(("a", "b"), pair, scored):
+            if is_classifier:  # a classifier: score it first
+                if _evaluate_to(source, manifest, split, out / label, settings, batch_size, cache_dir, True,
+                                tta=tta) is None:
+                    return  # not the main process
+                source = out / label
+            evaluations.append(read_evaluation(source))
+        result = compare_evaluations(evaluations[0], evaluations[1], settings)
+        write_json(out / "comparison.json", result)
+        folder.finish()
     typer.echo(f"A = {result['a']}\nB = {result['b']}\n{result['split']} split, {result['n_images']} images, "
                f"{result['n_lesions']} lesions")
     for name, row in _headline(result["metrics"]).items():
@@ -186,6 +193,25 @@ def _compare(pair: tuple[Path, Path], manifest: Path | None, split: str, out: Pa
     typer.echo(f"  McNemar: only A right {mc['only_a_correct']}, only B right {mc['only_b_correct']}, "
                f"p = {mc['p_value']:.4g}")
     typer.echo(f"-> {out / 'comparison.json'}")
+
+
+def _check_compared(label: str, source: Path, manifest: Path | None) -> bool:
+    """Cheap checks of one --compare folder before anything is written; True for a classifier to score."""
+    from lesiongen.classifier.evaluate import PREDICTIONS, PREDICTIONS_META
+    from lesiongen.classifier.models import INFO_FILE, MODEL_FILE, ClassifierInfo
+
+    if (source / INFO_FILE).is_file():
+        ClassifierInfo.read(source)
+        if not (source / MODEL_FILE).is_file():
+            raise InputError(f"--compare {label}: {source} has no {MODEL_FILE}")
+        if manifest is None:
+            raise typer.BadParameter(f"{source} is a classifier; --manifest is needed to score it",
+                                     param_hint="--manifest")
+        return True
+    if not ((source / PREDICTIONS).is_file() and (source / PREDICTIONS_META).is_file()):
+        raise InputError(f"--compare {label}: {source} is neither a classifier folder (with {INFO_FILE}) nor an "
+                         f"evaluation folder (with {PREDICTIONS} and {PREDICTIONS_META})")
+    return False
 
 
 def _print_report(report: dict) -> None:

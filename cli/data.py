@@ -75,10 +75,11 @@ def check(
 ) -> None:
     """Class counts per split, unreadable/missing images, duplicates and lesion leakage; exit 1 on errors."""
     from lesiongen.data.check import DEFAULT_PHASH_THRESHOLD, check_manifest, format_report
-    from lesiongen.utils.atomic import ensure_writable, write_json
+    from lesiongen.utils.atomic import write_json
+    from lesiongen.utils.outdir import check_out_file
 
     if json_out is not None:
-        ensure_writable(json_out, overwrite, what="report")
+        check_out_file(json_out, overwrite, what="report", flag="--json-out")
     threshold = DEFAULT_PHASH_THRESHOLD if phash_threshold is None else phash_threshold
     report = check_manifest(manifest, phash_threshold=threshold, workers=workers)
     typer.echo(format_report(report))

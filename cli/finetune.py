@@ -11,6 +11,9 @@ METHODS = ("lora", "ti", "lora+ti", "full")
 SCHEDULERS = ("ddim", "dpmpp", "euler")
 TARGETS = ("diffusers", "kohya", "a1111")
 PRECISIONS = ("auto", "no", "fp16", "bf16")
+# `finetune` flags of nested settings whose name is not `--<key>` (errors about their values name the flag).
+FINETUNE_FLAGS = {"lora.dropout": "--lora-dropout", "lora.text_encoder": "--text-encoder-lora",
+                  "tokens.lr": "--token-lr"}
 
 
 def register(app: typer.Typer) -> None:
@@ -103,7 +106,8 @@ def finetune(
         "tokens": {"num_vectors": num_vectors, "lr": token_lr},
     }
     overrides["out"] = str(out or Path("checkpoints") / f"finetune-{method or 'lora+ti'}")
-    settings = resolve_config(overrides, config_file=str(config) if config else None, resume=resume)
+    settings = resolve_config(overrides, config_file=str(config) if config else None, resume=resume,
+                              flag_names=FINETUNE_FLAGS)
     folder = run_finetune(settings, resume=resume, overwrite=overwrite)
     typer.echo(f"wrote adapter {folder} ({settings.method}, {settings.steps} steps)")
 
@@ -123,7 +127,8 @@ def generate(
     negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt (default: the prompt file's).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 8,
     seed: Annotated[int, typer.Option(help="Image i gets seed + i.")] = 0,
-    resolution: Annotated[int | None, typer.Option(help="Size in px (default: the adapter's training size).")] = None,
+    resolution: Annotated[int | None, typer.Option(
+        min=1, help="Size in px (default: the adapter's training size).")] = None,
     prompts: Annotated[str | None, typer.Option(help="Prompt file (default: the adapter's, else ham10000).")] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the UNet (pays off for hundreds of images).")] = False,
     fuse: Annotated[bool, typer.Option(help="Fold LoRA into the weights and fuse QKV projections.")] = True,

@@ -38,6 +38,7 @@ def loop(
     baselines. Works under `accelerate launch -m lesiongen loop ...` on several processes."""
     from lesiongen.loop.run import run_loop
 
+    started = None  # (folder, was an empty folder) when this call starts the run
     if resume is not None:
         if config is not None or seeds is not None or rounds is not None or set_ or overwrite:
             raise typer.BadParameter("--resume continues a run with its saved config; do not combine it with "
@@ -47,14 +48,30 @@ def loop(
         if config is None:
             raise typer.BadParameter("give --config (a YAML file or shipped name) or --resume RUN_DIR",
                                      param_hint="--config")
-        run_dir = _create_run(config, out, seeds, rounds, set_ or [], overwrite)
-    outcome = run_loop(run_dir, echo=typer.echo)
+        run_dir, started = _create_run(config, out, seeds, rounds, set_ or [], overwrite)
+    with _removed_on_failure(started):
+        outcome = run_loop(run_dir, echo=typer.echo)
     if report and (outcome.ran or not (outcome.run_dir / "report.html").is_file()):
         _write_report(outcome.run_dir)
 
 
+def _removed_on_failure(started: tuple[Path, bool] | None):
+    """A run this call created that fails before any stage finished (a bad path in its config, say) is
+    removed again, so the corrected `loop --config ...` just works."""
+    import contextlib
+
+    from lesiongen.runs import RunDir, current_processes
+    from lesiongen.utils.outdir import removed_on_failure
+
+    if started is None:
+        return contextlib.nullcontext()
+    folder, existed = started
+    return removed_on_failure(folder, lambda path: RunDir(path).holds_progress(), existed=existed,
+                              active=current_processes().is_main_process)
+
+
 def _create_run(config: str, out: Path | None, seeds: int | None, rounds: int | None, sets: list[str],
-                overwrite: bool) -> Path:
+                overwrite: bool) -> tuple[Path, tuple[Path, bool]]:
     from lesiongen.loop.config import absolute_paths, config_path, load_loop_config, parse_set_options
     from lesiongen.loop.run import create_run
 
@@ -66,9 +83,10 @@ def _create_run(config: str, out: Path | None, seeds: int | None, rounds: int | 
     path = config_path(config)
     resolved = absolute_paths(load_loop_config(path, overrides), Path.cwd())
     run_dir = out or DEFAULT_RUNS / path.stem
+    was_empty = run_dir.is_dir() and not any(run_dir.iterdir())
     create_run(resolved, run_dir, overwrite=overwrite)
     typer.echo(f"run folder: {run_dir} (resume with: lesiongen loop --resume {run_dir})")
-    return run_dir
+    return run_dir, (run_dir, was_empty)
 
 
 def report(

@@ -28,7 +28,7 @@ def _feature_threshold(value: str) -> float | str:
         threshold = float(value)
     except ValueError:
         threshold = -1.0
-    if not threshold > 0:
+    if not 0 < threshold < float("inf"):  # NaN fails this too
         raise typer.BadParameter(f"'{value}' is neither 'auto' nor a positive cosine distance",
                                  param_hint="--feature-threshold")
     return threshold
@@ -65,7 +65,7 @@ def evaluate_synthetic(
     gallery_pairs: Annotated[int, typer.Option(
         min=0, help="Closest synthetic/real pairs shown in memorization_gallery.png.")] = 16,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of subsampling and KID subsets.")] = 0,
     cache_dir: Annotated[Optional[Path], typer.Option(
         help="Cache of real-image features (default: $LESIONGEN_CACHE or ~/.cache/lesiongen).")] = None,

@@ -16,6 +16,13 @@ DType = Literal["auto", "fp32", "fp16", "bf16"]
 Depth = Literal["strength", "full"]
 DEFAULT_OUT = Path("checkpoints/mine-and-generate")
 DEFAULT_MINE_OUT = Path("checkpoints/mine")
+# Flags whose name is not `--<key>` (errors about their values name the flag); `mine` uses the mining ones
+# without the `mining.` prefix.
+MINING_FLAGS = {"confusion_weights": "--confusion"}
+SYNTHESIS_FLAGS = {**{f"mining.{key}": flag for key, flag in MINING_FLAGS.items()},
+                   "inversion.steps": "--inversion-steps", "inversion.guidance": "--inversion-guidance",
+                   "inversion.depth": "--inversion-depth", "variants.per_image": "--variants-per-image",
+                   "variants.embedding_lambda": "--lambda", "filters.memorization": "--memorization-filter"}
 
 
 def register(app: typer.Typer) -> None:
@@ -123,20 +130,28 @@ def mine(
     """Mine the hard cases (misclassified, low-margin, high-loss) from evaluate's predictions."""
     from lesiongen.config import from_dict, to_dict
     from lesiongen.data.manifest import load_manifest
+    from lesiongen.errors import OutputExistsError
     from lesiongen.synthesis.mining import MiningConfig, load_predictions, mine_hard_cases
-    from lesiongen.utils.atomic import atomic_path, ensure_writable, write_json
+    from lesiongen.utils.atomic import atomic_path, write_json
+    from lesiongen.utils.outdir import OutputFolder
 
     overrides = mining_overrides(split, per_class_quota, max_per_lesion, max_cases, margin_threshold, confusion,
                                  allow_test_mining)
-    config = from_dict(MiningConfig, _given(overrides), where="mine")
-    ensure_writable(out / "hard_cases.csv", overwrite, what="mining result")
+    config = from_dict(MiningConfig, _given(overrides), where="mine", flags=_given(overrides), flag_names=MINING_FLAGS)
+    folder = OutputFolder(out, "mining")
+    if folder.existing and (out / "hard_cases.csv").exists() and not overwrite:
+        raise OutputExistsError(f"mining result {out / 'hard_cases.csv'} already exists; pass --overwrite to "
+                                "replace it")
     classes = load_manifest(manifest).classes
     result = mine_hard_cases(load_predictions(predictions, manifest, split=config.split, classes=classes), config)
-    with atomic_path(out / "hard_cases.csv") as tmp:
-        result.cases.to_csv(tmp, index=False)
-    write_json(out / "mining.json", {**({"leakage_warning": result.leakage_warning} if result.leakage_warning else {}),
-                                     "predictions": _absolute(predictions), "manifest": _absolute(manifest),
-                                     "config": to_dict(config), "stats": result.stats})
+    folder.start(replace=overwrite, complete=True)
+    with folder.removed_on_failure():
+        with atomic_path(out / "hard_cases.csv") as tmp:
+            result.cases.to_csv(tmp, index=False)
+        write_json(out / "mining.json", {**({"leakage_warning": result.leakage_warning}
+                                            if result.leakage_warning else {}),
+                                         "predictions": _absolute(predictions), "manifest": _absolute(manifest),
+                                         "config": to_dict(config), "stats": result.stats})
     if result.leakage_warning:
         typer.echo(f"WARNING: {result.leakage_warning}", err=True)
     typer.echo(f"mined {result.stats['mined']} hard cases of {result.stats['predictions']} "
@@ -240,8 +255,9 @@ def mine_and_generate(
                     "min_recon_psnr": min_recon_psnr, "memorization": memorization_filter},
     }
     defaults = load_yaml(config) if config is not None else {}
-    run_config = from_dict(SynthesisConfig, merge(defaults, _given(overrides)),
-                           where=str(config or "mine-and-generate"))
+    flags = _given(overrides)
+    run_config = from_dict(SynthesisConfig, merge(defaults, flags), where=str(config or "mine-and-generate"),
+                           flags=flags, flag_names=SYNTHESIS_FLAGS)
     summary = run_mine_and_generate(run_config, overwrite=overwrite)
     if summary.get("leakage_warning"):
         typer.echo(f"WARNING: {summary['leakage_warning']}", err=True)

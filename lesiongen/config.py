@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
 import types
 import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,36 +33,253 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def from_dict(cls: type[T], data: dict, *, where: str = "config") -> T:
-    """Build a (possibly nested) dataclass from a dict; unknown keys are errors naming the key."""
+def from_dict(cls: type[T], data: Mapping, *, where: str = "config", flags: Mapping | None = None,
+              flag_names: Mapping[str, str] | Callable[[str], str] | None = None) -> T:
+    """Build a (possibly nested) dataclass from a dict (YAML), checking every value against its field's type.
+
+    An unknown key, a value of the wrong type (`steps: many`, `lora: 5` where a section belongs, `true` for a
+    number) and a float that is NaN or infinite are errors naming the dotted key, what was expected and the
+    value; the class's own `__post_init__` checks the ranges. Ints pass for floats (a numeric string such as
+    PyYAML's `1e-4` is read as a float), lists for tuples; fields typed `Any` are not checked.
+
+    `flags`: the part of `data` that came from command-line flags (nested like `data`), so that an error
+    caused by one of them names the flag instead of `where` (the config file); `flag_names` maps dotted keys
+    to their flag where it is not `--<last key with dashes>` (e.g. {"tokens.lr": "--token-lr"}), or is a
+    function of the dotted key (`--set` options).
+    """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(cls)
+    return _build(cls, data, _Source(where, flags or {}, flag_names or {}), ())
+
+
+# Opt-in for a float field that may be infinite: `x: float = field(default=..., metadata=ALLOW_INF)`.
+ALLOW_INF = {"allow_inf": True}
+
+
+def check_finite(obj: Any, prefix: str = "") -> None:
+    """ValueError naming the field for a NaN (or infinite) float field of a dataclass built without
+    `from_dict` (which checks this itself), e.g. from typed command-line options."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and _accepts_float(hints[f.name]) and not _finite_ok(value, f):
+            raise ValueError(f"{prefix}{f.name} must be a finite number, got {value}")
+
+
+class _Mismatch(Exception):
+    """A value that does not fit its annotation: where it sits (dotted key, [index]) and what was expected."""
+
+    def __init__(self, keys: tuple[str, ...], at: str, expected: str, value: Any) -> None:
+        super().__init__(at)
+        self.keys, self.at, self.expected, self.value = keys, at, expected, value
+
+
+class _NotFinite(_Mismatch):
+    """A NaN or infinite number: wrong whatever else the field's type would accept."""
+
+
+@dataclasses.dataclass
+class _Source:
+    where: str  # the config file (or the command) the values came from
+    flags: Mapping  # the values that came from command-line flags instead
+    flag_names: Mapping[str, str] | Callable[[str], str]
+
+    def flag(self, keys: tuple[str, ...], *, section: bool = False) -> str | None:
+        """The flag that gave the value at `keys`, or None when the value came from `where` (or is a section
+        of values, judged key by key, unless `section`)."""
+        node: Any = self.flags
+        for key in keys:
+            if not isinstance(node, Mapping) or key not in node:
+                return None
+            node = node[key]
+        if isinstance(node, Mapping) and not section:
+            return None
+        dotted = ".".join(keys)
+        if callable(self.flag_names):
+            return self.flag_names(dotted)
+        return self.flag_names.get(dotted) or "--" + keys[-1].replace("_", "-")
+
+    def section(self, keys: tuple[str, ...]) -> str:
+        """`where`, and the section's dotted key below the top level (how errors have always named it)."""
+        return ".".join((self.where, *keys))
+
+
+def _build(cls: type[T], data: Any, source: _Source, keys: tuple[str, ...]) -> T:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise InputError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+        flag = source.flag((*keys, unknown[0]), section=True)
+        raise InputError(f"{flag or source.section(keys)}: unknown key(s) {unknown}; expected some of {sorted(fields)}")
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        hint = hints[key]
-        nested = _dataclass_in(hint)
-        if nested is not None and isinstance(value, dict):
-            value = from_dict(nested, value, where=f"{where}.{key}")
-        kwargs[key] = value
+        path = (*keys, key)
+        try:
+            kwargs[key] = _convert(hints[key], value, source, path, ".".join(path), fields[key])
+        except _Mismatch as err:
+            flag = source.flag(err.keys)  # an item of a flag's list or mapping: the flag and where in it
+            prefix = flag + err.at[len(".".join(err.keys)):] if flag else f"{source.where}: {err.at}"
+            raise InputError(f"{prefix}: expected {err.expected}, got {err.value!r}") from None
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise InputError(f"{where}: {err}") from err
+        raise InputError(f"{_blame(cls, kwargs, source, keys)}: {err}") from err
 
 
-def _dataclass_in(hint: Any) -> type | None:
+def _blame(cls: type, kwargs: dict[str, Any], source: _Source, keys: tuple[str, ...]) -> str:
+    """The flag(s) whose value the class refused (the class builds once that flag is left out), else `where`."""
+    culprits = []
+    for key in kwargs:
+        flag = source.flag((*keys, key))
+        if flag is None:
+            continue
+        try:
+            cls(**{k: v for k, v in kwargs.items() if k != key})
+        except Exception:  # still failing (or failing otherwise) without it: not this flag alone
+            continue
+        culprits.append(flag)
+    return ", ".join(culprits) if culprits else source.section(keys)
+
+
+def _convert(hint: Any, value: Any, source: _Source, keys: tuple[str, ...], at: str, fld: Any = None) -> Any:
+    """`value` checked against `hint` (and converted: YAML lists to tuples, sections to dataclasses)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        deeper = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, source, keys, at, fld)
+            except _NotFinite:
+                raise
+            except _Mismatch as err:
+                if err.at != at:
+                    deeper.append(err)
+        if len(deeper) == 1:  # the value has the shape of one alternative: report what is wrong inside it
+            raise deeper[0]
+        raise _Mismatch(keys, at, _describe(hint), value)
+    if origin is typing.Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise _Mismatch(keys, at, _describe(hint), value)
     if dataclasses.is_dataclass(hint):
-        return hint
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            if dataclasses.is_dataclass(arg):
-                return arg
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, Mapping):
+            raise _Mismatch(keys, at, _describe(hint), value)
+        return _build(hint, value, source, keys)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+    elif hint is float:
+        number = _number(value)
+        if number is not None:
+            if not _finite_ok(number, fld):
+                raise _NotFinite(keys, at, "a finite number", value)
+            return number
+    elif hint is str:
+        if isinstance(value, (str, os.PathLike)):
+            return value
+        if isinstance(value, bool):
+            raise _Mismatch(keys, at, "a string (YAML reads unquoted yes / no / on / off as true / false: quote it)",
+                            value)
+    elif origin in (list, tuple) or hint in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            if not args:
+                return list(value) if (origin or hint) is list else tuple(value)
+            if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+                if len(value) != len(args):
+                    raise _Mismatch(keys, at, _describe(hint), value)
+                items = args
+            else:
+                items = (args[0],) * len(value)
+            converted = [_convert(a, v, source, keys, f"{at}[{i}]", fld) for i, (a, v) in enumerate(zip(items, value))]
+            return converted if origin is list else tuple(converted)
+    elif origin is dict or hint is dict:
+        if isinstance(value, Mapping):
+            if not args:
+                return dict(value)
+            out = {}
+            for k, v in value.items():
+                try:
+                    k = _convert(args[0], k, source, keys, at, fld)
+                except _Mismatch:
+                    raise _Mismatch(keys, at, f"{_describe(args[0], True)} as keys", k) from None
+                out[k] = _convert(args[1], v, source, keys, f"{at}.{k}", fld)
+            return out
+    elif isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+    else:
+        return value  # an annotation this checker does not know: left to the class
+    raise _Mismatch(keys, at, _describe(hint), value)
+
+
+def _number(value: Any) -> float | int | None:
+    """A float field's value: a real number (an int stays an int), or a string PyYAML left unparsed (`1e-4`)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
     return None
+
+
+def _finite_ok(value: float | int, fld: Any) -> bool:
+    allow_inf = fld is not None and fld.metadata.get("allow_inf", False)
+    return math.isfinite(value) or (allow_inf and math.isinf(value))
+
+
+def _accepts_float(hint: Any) -> bool:
+    if hint is float:
+        return True
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and float in typing.get_args(hint)
+
+
+_NOUNS = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+          str: ("a string", "strings"), type(None): ("null", "nulls")}
+
+
+def _describe(hint: Any, plural: bool = False) -> str:
+    """What a value of `hint` looks like, in words: `a list of 2 numbers`, `an integer or null`, ..."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint in _NOUNS:
+        return _NOUNS[hint][plural]
+    if origin in (typing.Union, types.UnionType):
+        words = [_describe(a, plural) for a in args]
+        return ", ".join(words[:-1]) + " or " + words[-1]
+    if origin is typing.Literal:
+        return f"one of {list(args)}"
+    if dataclasses.is_dataclass(hint):
+        names = [f.name for f in dataclasses.fields(hint) if f.init]
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        return f"{'sections' if plural else 'a section'} (a mapping of keys such as {shown})"
+    if origin in (list, tuple) or hint in (list, tuple):
+        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            kinds = {_describe(a, True) for a in args}
+            what = f"{len(args)} {kinds.pop()}" if len(kinds) == 1 else ", ".join(_describe(a) for a in args)
+            return f"{'lists' if plural else 'a list'} of {what}"
+        return f"{'lists' if plural else 'a list'} of {_describe(args[0], True)}" if args else "a list"
+    if origin is dict or hint is dict:
+        noun = "mappings" if plural else "a mapping"
+        if len(args) == 2 and args[1] is not Any:
+            return f"{noun} of {_describe(args[0], True)} to {_describe(args[1], True)}"
+        return noun
+    return getattr(hint, "__name__", str(hint))
 
 
 def merge(base: dict, overrides: dict, *, none_is_value: bool = False) -> dict:

@@ -107,14 +107,16 @@ class RunDir:
     # -- creation and opening ---------------------------------------------------------------------
     @classmethod
     def create(cls, root: str | os.PathLike, config_text: str, *, overwrite: bool = False) -> RunDir:
-        """Start a new run folder holding `config_text` as its resolved config."""
+        """Start a new run folder holding `config_text` as its resolved config; --overwrite replaces only
+        an earlier loop run (never a folder of anything else)."""
+        from lesiongen.utils.outdir import OutputFolder
+
         run = cls(root)
-        if run.root.exists() and any(run.root.iterdir()):
-            if not overwrite:
-                raise LesiongenError(f"run folder {run.root} already exists; resume it with --resume {run.root} "
-                                     "or pass --overwrite to start again")
-            shutil.rmtree(run.root)
-        run.root.mkdir(parents=True, exist_ok=True)
+        folder = OutputFolder(run.root, "loop")
+        if folder.existing and not overwrite:
+            raise LesiongenError(f"run folder {run.root} already exists; resume it with --resume {run.root} "
+                                 "or pass --overwrite to start again")
+        folder.start(replace=overwrite)
         write_text(run.config_path, config_text)
         run._write_state({"version": STATE_VERSION, "created": _now(), "finished": {}})
         return run
@@ -177,6 +179,15 @@ class RunDir:
         write_json(self.state_path, state)
 
     # -- one process at a time --------------------------------------------------------------------
+    def holds_progress(self) -> bool:
+        """Anything a resumed run would keep: a finished stage, or a checkpoint of one being built."""
+        try:
+            if self.finished():
+                return True
+        except InputError:
+            return True  # unreadable state: leave the folder for the user to look at
+        return any(p.is_dir() for p in self.root.glob("**/checkpoint-*"))
+
     def lock(self) -> None:
         """Claim the run for this process; a lock left by a killed process (dead pid) is taken over."""
         path = self.root / LOCK_FILE

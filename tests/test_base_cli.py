@@ -52,3 +52,12 @@ def test_base_tiny_bad_preset_is_named(tmp_path):
 def test_base_info_bad_path_exit_2(tmp_path):
     result = runner.invoke(app, ["base", "info", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "missing" in result.output and "no such file or folder" in result.output
+
+
+def test_base_tiny_overwrite_replaces_only_a_base(tmp_path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "labels.csv").write_text("image,label\n")
+    result = runner.invoke(app, ["base", "tiny", "--out", str(data), "--overwrite"])
+    assert result.exit_code == 2 and "is not a base model output folder" in result.output
+    assert (data / "labels.csv").is_file()

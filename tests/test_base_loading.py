@@ -91,6 +91,24 @@ def test_missing_component_entry_is_named(pipeline_copy):
         load_pipeline(pipeline_copy)
 
 
+def test_corrupt_weights_or_config_in_folder_are_named(pipeline_copy):
+    from typer.testing import CliRunner
+
+    from lesiongen.cli.app import app
+
+    weights = pipeline_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) * 9 // 10])  # truncated: the header no longer covers the file
+    result = CliRunner(env={"COLUMNS": "2000"}).invoke(app, ["base", "info", str(pipeline_copy)])
+    assert result.exit_code == 2, result.output
+    assert "diffusion_pytorch_model.safetensors: not a readable safetensors file" in result.output
+    weights.write_bytes(data)
+    config = pipeline_copy / "vae" / "config.json"
+    config.write_text("{not json")
+    with pytest.raises(InputError, match=r"vae/config\.json: not valid JSON"):
+        load_pipeline(pipeline_copy)
+
+
 def test_pickle_file_needs_allow_pickle(tmp_path):
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": {}}, ckpt)

@@ -53,6 +53,7 @@ def test_pretrain_cli_pauses_resumes_and_saves_an_sd_folder(toy_manifest, tmp_pa
 
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "--overwrite" in again.output  # no silent restart over a run
+    assert "--resume latest" in again.output  # it holds checkpoints
 
     result = runner.invoke(app, [*args, "--resume", "latest"])
     assert result.exit_code == 0, result.output
@@ -242,6 +243,14 @@ def test_missing_class_in_split_is_named(toy_manifest, tmp_path):
     path = write_manifest(no_df, tmp_path / "no-df.csv")
     with pytest.raises(InputError, match=r"no-df\.csv: split 'train' has no real images of class\(es\) \['df'\]"):
         pretrain_base(path, tmp_path / "run", config=quick_config(), log=lambda _: None)
+    assert not (tmp_path / "run").exists()  # a failed start leaves nothing that blocks the corrected rerun
+
+
+def test_eval_classifier_is_checked_before_training(toy_manifest, tmp_path, tiny_pipeline_dir):
+    with pytest.raises(InputError, match=r"--eval-classifier: .*not a trained classifier \(no classifier.json\)"):
+        pretrain_base(toy_manifest, tmp_path / "run", config=quick_config(eval_classifier=str(tiny_pipeline_dir)),
+                      log=lambda _: None)
+    assert not (tmp_path / "run").exists()
 
 
 def test_prompt_file_must_cover_the_classes(toy_manifest, tmp_path):
@@ -261,6 +270,17 @@ def test_bad_recipe_values_are_named(tmp_path, toy_manifest):
     result = runner.invoke(app, ["base", "pretrain", "--manifest", str(toy_manifest), "--out", str(tmp_path / "x"),
                                  "--config", str(config)])
     assert result.exit_code == 2 and "unet" in result.output and "caption_dropout" in result.output
+
+
+def test_bad_device_is_named(tmp_path, toy_manifest, monkeypatch):
+    result = runner.invoke(app, ["base", "pretrain", "--manifest", str(toy_manifest), "--out", str(tmp_path / "x"),
+                                 "--preset", "tiny", "--device", "tpu"])
+    assert result.exit_code == 2, result.output
+    assert "--device tpu: expected auto, cpu, cuda or cuda:N" in result.output
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match="--device cuda: no CUDA GPU is visible"):
+        pretrain_base(toy_manifest, tmp_path / "y", config=quick_config(device="cuda"), log=lambda _: None)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_class_balance_evens_out_the_classes_drawn():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -182,3 +183,10 @@ def test_config_validation_names_the_key():
         from_dict(TrainConfig, {"learning_rate": 0.1})
     with pytest.raises(InputError, match=r"epoch_length must be one of \['all', 'real'\]"):
         from_dict(TrainConfig, {"epoch_length": "synthetic"})
+
+
+def test_synthetic_manifest_without_synthetic_rows_is_an_error(toy_manifest):
+    real = load_manifest(toy_manifest)
+    expected = re.escape(f"{toy_manifest}: has no synthetic rows (column synthetic = 1)")
+    with pytest.raises(InputError, match=expected):
+        load_synthetic([str(toy_manifest)], real)

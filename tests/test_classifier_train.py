@@ -108,6 +108,8 @@ def test_train_classifier_writes_the_model_folder(trained, toy_manifest):
         assert (trained / "eval-val" / name).is_file()
     result = cli("train-classifier", "--manifest", load_manifest_path(trained), "--out", trained, expect=2)
     assert "already exists" in result.output and "--overwrite" in result.output
+    assert "--resume latest" in result.output  # it holds checkpoints: resuming is the other way on
+    assert json.loads((trained / ".lesiongen.json").read_text())["complete"] is True
 
 
 def load_manifest_path(model_dir) -> str:
@@ -207,6 +209,22 @@ def test_bad_inputs_fail_with_clear_errors(env, toy_manifest, recipe, tmp_path):
     assert "not a trained classifier" in result.output
     result = cli("evaluate", "--manifest", toy_manifest, expect=2)
     assert "--model" in result.output
+
+
+def test_resume_from_another_trainers_checkpoint_and_a_real_manifest_as_synthetic(env, toy_manifest, recipe,
+                                                                                   tmp_path):
+    finetune = tmp_path / "fk" / "checkpoint-300"  # what `lesiongen finetune` leaves in a checkpoint
+    finetune.mkdir(parents=True)
+    (finetune / "trainer_state.json").write_text(json.dumps({"step": 300, "losses": []}))
+    save_file({"x": torch.zeros(1)}, str(finetune / "trainable.safetensors"))
+    out = tmp_path / "clf"
+    result = cli("train-classifier", "--manifest", toy_manifest, "--config", recipe, "--out", out,
+                 "--resume", finetune, expect=2)
+    assert f"{finetune} is not a classifier checkpoint" in result.output
+    result = cli("train-classifier", "--manifest", toy_manifest, "--synthetic", toy_manifest, "--config", recipe,
+                 "--out", out, expect=2)
+    assert f"{toy_manifest}: has no synthetic rows (column synthetic = 1)" in result.output
+    assert not out.exists()
 
 
 def test_evaluate_refuses_an_empty_split(trained, toy_manifest, tmp_path):
@@ -323,3 +341,35 @@ def test_a_training_step_never_waits_for_the_gpu(env, toy_manifest, tmp_path):
             trainer.train_step(index)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_evaluate_overwrite_never_deletes_a_folder_it_did_not_make(trained, toy_manifest, tmp_path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "labels.csv").write_text("image,label\n")
+    result = cli("evaluate", "--model", trained, "--manifest", toy_manifest, "--split", "val", "--bootstrap", "0",
+                 "--out", data, "--overwrite", expect=2)
+    assert "is not an evaluation output folder made by lesiongen (it holds images/, labels.csv)" in result.output
+    assert (data / "labels.csv").is_file()
+    (tmp_path / "file").write_text("x")
+    result = cli("train-classifier", "--manifest", toy_manifest, "--out", tmp_path / "file", expect=2)
+    assert "is a file; expected a folder" in result.output
+
+
+def test_compare_checks_both_inputs_before_writing(trained, toy_manifest, tmp_path):
+    out = tmp_path / "cmp"
+    result = cli("evaluate", "--compare", trained, tmp_path / "nope", "--manifest", toy_manifest, "--split", "val",
+                 "--bootstrap", "0", "--out", out, expect=2)
+    assert "--compare B" in result.output and "nope" in result.output
+    assert not out.exists()  # nothing half-written blocks the corrected rerun
+
+
+def test_evaluating_an_unfinished_training_run_says_so(trained, toy_manifest, tmp_path):
+    from lesiongen.utils.outdir import write_marker
+
+    killed = tmp_path / "killed"
+    shutil.copytree(trained, killed)
+    write_marker(killed, "classifier", complete=False)  # what a run killed mid-training leaves
+    result = cli("evaluate", "--model", killed, "--manifest", toy_manifest, "--split", "val", "--bootstrap", "0",
+                 "--out", tmp_path / "eval")
+    assert f"WARNING: {killed} is an unfinished run" in result.output and "--resume latest" in result.output

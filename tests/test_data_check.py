@@ -126,3 +126,8 @@ def test_scan_phash_equals_imagehash(toy_manifest):
     paths = load_manifest(toy_manifest).image_paths()[:20]
     scan = scan_images(paths)
     assert [phash_hex(h) for h in scan.phash] == [str(imagehash.phash(Image.open(p).convert("RGB"))) for p in paths]
+
+
+def test_json_out_that_is_a_folder_is_named(toy_manifest, tmp_path):
+    result = runner.invoke(app, ["data", "check", str(toy_manifest), "--json-out", str(tmp_path), "--overwrite"])
+    assert result.exit_code == 2 and f"--json-out {tmp_path} is a folder; expected a file" in result.output

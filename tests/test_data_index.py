@@ -81,6 +81,15 @@ def test_missing_required_column(tiny_labels_dir):
     assert "labels.csv" in message and "missing required column(s) ['label']" in message
 
 
+def test_labels_csv_with_only_a_header(tiny_labels_dir):
+    (tiny_labels_dir / "labels.csv").write_text("image,label,group_id,age\n")
+    message = cli_error(["data", "index", str(tiny_labels_dir), "--out", str(tiny_labels_dir / "m.csv")])
+    assert "labels.csv has no rows" in message
+    pd.DataFrame(columns=["lesion_id", "image_id", "dx"]).to_csv(tiny_labels_dir / "meta.csv", index=False)
+    with pytest.raises(InputError, match=r"meta.csv has no rows"):
+        index_dataset(tiny_labels_dir / "meta.csv", tiny_labels_dir / "m.csv", fmt="ham10000")
+
+
 def test_missing_required_column_ham(tmp_path):
     pd.DataFrame({"lesion_id": ["L1"], "image_id": ["x"], "diagnosis": ["mel"]}).to_csv(
         tmp_path / "meta.csv", index=False)

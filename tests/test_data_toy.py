@@ -121,3 +121,12 @@ def test_a_small_cnn_learns_it_well_above_chance(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert accuracy > 0.45, accuracy
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_a_toy_data_set(tmp_path):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "labels.csv").write_text("image,label\n")
+    with pytest.raises(OutputExistsError, match="not a toy data set output folder"):
+        make_toy_dataset(other, n_per_class=1, overwrite=True)
+    assert (other / "labels.csv").read_text() == "image,label\n"

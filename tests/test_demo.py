@@ -30,11 +30,20 @@ def _check_demo_output(output: str, run_dir) -> None:
     assert (run_dir / "report.html").is_file() and re.search(r"demo wall time: \d+ min", output)
 
 
-def test_demo_on_a_finished_run_resumes_and_reports_what_the_run_measured(tiny_loop_run):
-    done = lesiongen("demo", "--out", str(tiny_loop_run.run_dir))
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming the demo" in done.stdout and "nothing to do" in done.stdout
-    _check_demo_output(done.stdout, tiny_loop_run.run_dir)
+def test_demo_on_a_finished_run_resumes_and_reports_what_the_run_measured(tiny_loop_run, monkeypatch):
+    from pathlib import Path
+
+    from lesiongen.loop import demo
+    from lesiongen.loop.config import absolute_paths, load_loop_config
+
+    # The demo resumes only its own runs: here the tiny run stands in for the demo's (same config).
+    monkeypatch.setattr(demo, "demo_config",
+                        lambda: absolute_paths(load_loop_config(tiny_loop_run.config_file), Path.cwd()))
+    printed: list[str] = []
+    demo.run_demo(tiny_loop_run.run_dir, echo=printed.append)
+    output = "\n".join(printed)
+    assert "resuming the demo" in output and "nothing to do" in output
+    _check_demo_output(output, tiny_loop_run.run_dir)
 
 
 @pytest.mark.slow
@@ -44,3 +53,23 @@ def test_full_demo_from_scratch(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     _check_demo_output(done.stdout, tmp_path / "demo")
     print(f"demo wall time {time.monotonic() - started:.0f} s")
+
+
+def test_demo_resumes_only_its_own_runs(tmp_path):
+    from dataclasses import replace
+
+    from lesiongen.errors import OutputExistsError
+    from lesiongen.loop.config import config_yaml
+    from lesiongen.loop.demo import demo_config, run_demo
+    from lesiongen.runs import RunDir
+
+    other = replace(demo_config(), seeds=[0, 1])  # `demo: true`, but not the demo's run
+    RunDir.create(tmp_path / "run1", config_yaml(other))
+    with pytest.raises(OutputExistsError, match="run1 holds a loop run that is not the demo .*seeds"):
+        run_demo(tmp_path / "run1", echo=lambda _: None)
+    classifier = tmp_path / "clf"
+    classifier.mkdir()
+    (classifier / "classifier.json").write_text("{}")
+    with pytest.raises(OutputExistsError, match="not a loop run output folder") as refused:
+        run_demo(classifier, echo=lambda _: None)
+    assert "--resume" not in str(refused.value)  # demo has no --resume

@@ -151,3 +151,11 @@ def test_export_rejects_files_that_are_neither_lora_nor_embedding(tmp_path):
     assert result.exit_code == 2 and "neither a LoRA" in result.output
     result = runner.invoke(app, ["export", str(tmp_path), "--to", "webui"])
     assert result.exit_code == 2 and "webui" in result.output
+
+
+def test_export_names_a_file_that_is_not_safetensors(tmp_path):
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(b"\xff" * 64)  # an 8-byte header length far beyond the file
+    result = runner.invoke(app, ["export", str(fake), "--to", "kohya"])
+    assert result.exit_code == 2, result.output
+    assert "fake.safetensors: not a readable safetensors file" in " ".join(result.output.replace("│", " ").split())

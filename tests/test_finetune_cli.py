@@ -76,6 +76,23 @@ def test_a_base_that_is_not_a_pipeline_is_refused(toy_data_dir, toy_manifest, tm
     result = finetune("--base", toy_data_dir, "--manifest", toy_manifest, "--out", tmp_path / "x", "--steps", "1")
     assert result.exit_code == 2
     assert "not a diffusers pipeline folder" in result.output and "model_index.json" in result.output
+    assert not (tmp_path / "x").exists()  # a failed start leaves nothing that blocks the corrected rerun
+    (tmp_path / "file").write_text("x")
+    result = finetune("--base", toy_data_dir, "--manifest", toy_manifest, "--out", tmp_path / "file", "--steps", "1")
+    assert result.exit_code == 2 and "is a file; expected a folder" in result.output
+
+
+def test_a_missing_image_file_names_the_manifest_row(tiny_pipeline_dir, toy_manifest, tmp_path):
+    from lesiongen.data.manifest import Manifest, load_manifest, write_manifest
+
+    manifest = load_manifest(toy_manifest)
+    df = manifest.df.copy()
+    i = int(df.index[df["split"] == "train"][3])
+    df.loc[i, "image"] = "images/gone.png"
+    broken = write_manifest(Manifest(df, manifest.root, manifest.classes), tmp_path / "broken.csv")
+    result = finetune("--base", tiny_pipeline_dir, "--manifest", broken, "--out", tmp_path / "x", "--steps", "1")
+    assert result.exit_code == 2, result.output
+    assert f"broken.csv row {i + 2}, column 'image': image file 'images/gone.png' not found" in result.output
 
 
 def test_a_class_missing_from_the_prompt_file_is_refused(tiny_pipeline_dir, toy_manifest, tmp_path):

@@ -138,3 +138,19 @@ def test_fast_renderer_matches_the_plain_pipeline(finetuned_adapter_dir, tiny_pi
     renderer = Renderer(fast, GenerationSettings(steps=3, guidance=5.0, scheduler="ddim"), prompts.negative_prompt, 32)
     ours = renderer(requests).float() / 255
     assert (ours - expected).abs().max() <= 1 / 255 + 1e-3  # uint8 rounding
+
+
+def test_another_request_into_a_generation_folder_is_refused(finetuned_adapter_dir, tmp_path):
+    out = tmp_path / "gen"
+    first = generate("--adapter", finetuned_adapter_dir, "--class", "mel=1", "--class", "df", "--n", "1",
+                     "--out", out, *QUICK)
+    assert first.exit_code == 0, first.output
+    changed = generate("--adapter", finetuned_adapter_dir, "--class", "mel=2", "--out", out, *QUICK)
+    assert changed.exit_code == 2 and "request" in changed.output and "{'mel': 1, 'df': 1}" in changed.output
+    assert set(load_manifest(out / "manifest.csv").df["label"]) == {"mel", "df"}  # nothing rewritten
+    data = tmp_path / "data"  # a data set's own manifest.csv is never replaced
+    (data / "images").mkdir(parents=True)
+    (data / "manifest.csv").write_text("image,label,split\n")
+    refused = generate("--adapter", finetuned_adapter_dir, "--class", "mel=1", "--out", data, "--overwrite", *QUICK)
+    assert refused.exit_code == 2 and "is not a generation output folder" in refused.output
+    assert (data / "manifest.csv").read_text() == "image,label,split\n"

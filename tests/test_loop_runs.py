@@ -139,6 +139,11 @@ def test_create_refuses_existing_run_and_open_checks_folder(tmp_path):
     with pytest.raises(LesiongenError, match="--resume"):
         RunDir.create(tmp_path / "run", "x: 1\n")
     RunDir.create(tmp_path / "run", "x: 2\n", overwrite=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "labels.csv").write_text("image,label\n")
+    with pytest.raises(LesiongenError, match="not a loop run output folder"):
+        RunDir.create(tmp_path / "data", "x: 1\n", overwrite=True)
+    assert (tmp_path / "data" / "labels.csv").is_file()
     with pytest.raises(InputError, match="not a run folder"):
         RunDir.open(tmp_path)
     with pytest.raises(ValueError, match="plain folder names"):

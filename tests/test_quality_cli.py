@@ -180,6 +180,31 @@ def test_bad_input_is_named(toy_manifest, clean_toy, tmp_path, cache):
     assert result.exit_code == 2 and "--classifier" in result.output
 
 
+def test_bad_device_is_named(toy_manifest, clean_toy, tmp_path, cache, monkeypatch):
+    import torch
+
+    from lesiongen.errors import InputError
+    from lesiongen.utils.device import resolve_device
+
+    synthetic = write_synthetic_manifest(clean_toy, tmp_path / "synthetic.csv")
+    base = ["evaluate-synthetic", "--real", str(toy_manifest), "--synthetic", str(synthetic),
+            "--inception-feature", "none", "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, base + ["--device", "tpu"])
+    assert result.exit_code == 2, result.output
+    assert "--device tpu: expected auto, cpu, cuda or cuda:N" in result.output
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = runner.invoke(app, base + ["--device", "cuda"])
+    assert result.exit_code == 2, result.output
+    assert "--device cuda: no CUDA GPU is visible" in result.output
+    assert not (tmp_path / "out").exists()
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(InputError, match=r"--device cuda:2: only 2 CUDA GPU\(s\) are visible"):
+        resolve_device("cuda:2")
+
+
 def test_evaluate_images_refuses_mismatched_resolutions(toy_manifest):
     import torch
 

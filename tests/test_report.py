@@ -124,6 +124,14 @@ def test_document_renders_escaped_markdown_and_html():
 def test_report_of_a_folder_that_is_not_a_run(tmp_path):
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "not a loop run folder" in result.output
+    clf = tmp_path / "clf"  # a classifier folder: a config.yaml too, but of train-classifier
+    clf.mkdir()
+    (clf / "config.yaml").write_text("arch: test_efficientnet\nepochs: 1\n")
+    (clf / "classifier.json").write_text("{}")
+    result = CliRunner(env={"COLUMNS": "2000"}).invoke(app, ["report", str(clf)])
+    assert result.exit_code == 2, result.output
+    assert "is not a loop run folder" in result.output and "a classifier folder" in result.output
+    assert "unknown key" not in result.output
 
 
 def test_report_of_a_test_mining_run_leads_with_the_leakage_warning(tiny_loop_run, tmp_path):

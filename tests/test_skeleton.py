@@ -161,3 +161,49 @@ def test_every_subpackage_is_listed_in_pyproject():
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(root).parts) for p in (root / "lesiongen").rglob("__init__.py")}
     assert found - listed == set()
+
+
+def test_overwrite_replaces_only_output_folders_of_the_same_kind(tmp_path):
+    from lesiongen.utils.outdir import check_out_dir, check_replaceable, write_marker
+
+    data = tmp_path / "data"  # a data set: --overwrite must never delete it
+    (data / "images").mkdir(parents=True)
+    (data / "labels.csv").write_text("image,label\n")
+    with pytest.raises(OutputExistsError, match=r"data is not an evaluation output folder made by lesiongen "
+                                                r"\(it holds images/, labels.csv\).*remove it yourself"):
+        check_replaceable(data, "evaluation", overwrite=True)
+    assert (data / "labels.csv").is_file()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="--out .*file is a file; expected a folder"):
+        check_out_dir(tmp_path / "file", "loop")
+    made = tmp_path / "made"
+    made.mkdir()
+    (made / "metrics.json").write_text("{}")
+    write_marker(made, "evaluation")
+    with pytest.raises(OutputExistsError, match="it is an evaluation output"):
+        check_out_dir(made, "classifier")
+    assert check_replaceable(made, "evaluation", overwrite=True) == made
+    legacy = tmp_path / "legacy"  # made before the marker: known by its signature files
+    legacy.mkdir()
+    (legacy / "classifier.json").write_text("{}")
+    assert check_out_dir(legacy, "classifier") == "own"
+    assert check_out_dir(tmp_path / "new", "classifier") == "missing"
+
+
+def test_a_failed_start_removes_what_it_created_unless_resumable(tmp_path):
+    from lesiongen.utils.outdir import OutputFolder, is_unfinished
+
+    def fail(folder: OutputFolder, resumable: bool) -> None:
+        with pytest.raises(RuntimeError), folder.removed_on_failure(lambda path: (path / "checkpoint").exists()):
+            folder.start()
+            assert is_unfinished(folder.path)
+            (folder.path / ("checkpoint" if resumable else "config.yaml")).write_text("x")
+            raise RuntimeError("bad input found late")
+
+    fail(OutputFolder(tmp_path / "new", "finetune"), resumable=False)
+    assert not (tmp_path / "new").exists()  # the corrected rerun starts afresh
+    fail(OutputFolder(tmp_path / "kept", "finetune"), resumable=True)
+    assert (tmp_path / "kept" / "checkpoint").is_file()  # resumable work is never removed
+    (tmp_path / "empty").mkdir()
+    fail(OutputFolder(tmp_path / "empty", "finetune"), resumable=False)
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())  # the user's folder stays

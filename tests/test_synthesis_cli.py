@@ -204,6 +204,11 @@ def test_bad_input(made, toy_manifest, tiny_pipeline_dir, tmp_path):
     result = cli("mine-and-generate", "--predictions", empty, "--manifest", toy_manifest, "--out", out, expect=2)
     assert "--base is required (or --adapter" in result.output
 
+    # a bad --classifier is found before --out is written, so the corrected rerun needs no --overwrite
+    result = cli(*base, "--adapter", made / "adapter", "--classifier", tiny_pipeline_dir, *QUICK, expect=2)
+    assert "--classifier" in result.output and "not a trained classifier" in result.output
+    assert not out.exists()
+
 
 def test_two_processes_make_the_same_images_as_one(made, toy_manifest, tiny_pipeline_dir, tmp_path):
     """Sharded over two gloo CPU processes (`--multi_gpu` + ACCELERATE_USE_CPU, see the classifier tests)."""

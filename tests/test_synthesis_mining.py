@@ -159,6 +159,52 @@ def test_bad_prediction_files(val_predictions, toy_manifest, tmp_path):
         mine(alone, toy_manifest)
 
 
+def _edited(path, tmp_path, name, edit):
+    """A copy of predictions.csv (+ its unchanged meta, so the manifest hash still matches) with `edit` applied."""
+    out = tmp_path / name / "predictions.csv"
+    out.parent.mkdir()
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    edit(df).to_csv(out, index=False)
+    shutil.copy(path.with_name("predictions.meta.json"), out.with_name("predictions.meta.json"))
+    return out
+
+
+def test_prediction_rows_are_checked_against_the_manifest(val_predictions, toy_manifest, tmp_path):
+    path, first = val_predictions
+    akiec = first["akiec"][0]
+
+    def relabel(df):
+        df.loc[df["image"] == akiec, "label"] = "mel"
+        return df
+
+    row = int(pd.read_csv(path).index[pd.read_csv(path)["image"] == akiec][0]) + 2
+    with pytest.raises(InputError, match=rf"row {row}: image '{akiec}' has label 'mel', but .* labels it 'akiec'"):
+        mine(_edited(path, tmp_path, "relabelled", relabel), toy_manifest)
+
+    def foreign(df):
+        df.loc[0, "image"] = "images/not-there.png"
+        return df
+
+    with pytest.raises(InputError, match=r"row 2: image 'images/not-there.png' is not in split 'val' of"):
+        mine(_edited(path, tmp_path, "foreign", foreign), toy_manifest)
+    test_image = load_manifest(toy_manifest).split("test").df["image"].iloc[0]
+
+    def other_split(df):
+        df.loc[0, "image"] = test_image
+        return df
+
+    with pytest.raises(InputError, match="is not in split 'val'"):
+        mine(_edited(path, tmp_path, "other-split", other_split), toy_manifest)
+    n = len(pd.read_csv(path))
+    with pytest.raises(InputError, match=rf"row {n + 2}: image '.*' is listed twice \(also row 2\)"):
+        mine(_edited(path, tmp_path, "duplicated", lambda df: pd.concat([df, df.iloc[:1]])), toy_manifest)
+
+
+def test_a_manifest_passed_as_predictions_is_named(toy_manifest):
+    with pytest.raises(InputError, match=r"is not a predictions file from `lesiongen evaluate`"):
+        mine(toy_manifest, toy_manifest)
+
+
 def test_test_split_needs_the_flag_and_then_carries_the_warning(tmp_path, toy_manifest):
     with pytest.raises(ValueError, match="--allow-test-mining"):
         MiningConfig(split="test")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from lesiongen.errors import InputError
 from lesiongen.utils.checkpoints import list_checkpoints, read_state, resolve_resume, save_accelerate_checkpoint
 
-__all__ = ["TrainerState", "list_checkpoints", "resolve_resume", "save_checkpoint", "restore_best"]
+__all__ = ["TrainerState", "check_checkpoint", "list_checkpoints", "resolve_resume", "save_checkpoint", "restore_best"]
 
 
 @dataclass
@@ -49,6 +49,23 @@ class TrainerState:
 
 
 BEST_DIR = "best"
+# What accelerate's save_state writes for the one prepared model (safetensors; .bin with safe_serialization off).
+MODEL_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def check_checkpoint(checkpoint: Path, resume: str) -> None:
+    """Refuse a folder that is a complete checkpoint of another trainer (e.g. a fine-tuning checkpoint-N): its
+    trainer_state.json lacks the classifier trainer's fields, or it holds no classifier weights."""
+    data = read_state(checkpoint)
+    known = {f.name for f in fields(TrainerState)}
+    unknown = sorted(set(data) - known) if isinstance(data, dict) else []
+    if not isinstance(data, dict) or unknown or "global_step" not in data:
+        found = f"its trainer state has {unknown} instead of the classifier trainer's fields" if unknown else \
+            "its trainer state lacks global_step"
+        raise InputError(f"--resume {resume}: {checkpoint} is not a classifier checkpoint ({found}); pass a "
+                         "checkpoint-N folder written by `lesiongen train-classifier`, or 'latest'")
+    if not any((checkpoint / name).is_file() for name in MODEL_FILES):
+        raise InputError(f"--resume {resume}: {checkpoint} is not a classifier checkpoint (no {MODEL_FILES[0]})")
 
 
 def save_checkpoint(accelerator, out_dir: Path, state: TrainerState, total_limit: int | None,

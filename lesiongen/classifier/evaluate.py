@@ -25,8 +25,9 @@ from lesiongen.errors import InputError
 from lesiongen.metrics.bootstrap import bootstrap_ci
 from lesiongen.metrics.clinical import ClinicalSpec, clinical_metrics, confusion_matrix, operating_points
 from lesiongen.metrics.compare import paired_comparison
-from lesiongen.utils.atomic import atomic_dir, ensure_writable, write_json
+from lesiongen.utils.atomic import atomic_dir, write_json
 from lesiongen.utils.hashing import sha256_file
+from lesiongen.utils.outdir import check_replaceable, write_marker
 
 PREDICTIONS = "predictions.csv"
 PREDICTIONS_META = "predictions.meta.json"
@@ -114,7 +115,7 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike, bootstr
     """Write the evaluation folder as a whole (a killed run leaves no half folder); returns metrics.json."""
     from lesiongen.classifier.plots import plot_confusion_matrix, plot_roc
 
-    out_dir = ensure_writable(out_dir, overwrite, what="evaluation folder")
+    out_dir = check_replaceable(out_dir, "evaluation", overwrite, what="evaluation folder")
     report = evaluation.metrics(bootstrap)
     title = f"{Path(evaluation.meta['model']).name} on {evaluation.meta['split']}"
     with atomic_dir(out_dir) as tmp:
@@ -125,6 +126,7 @@ def write_evaluation(evaluation: Evaluation, out_dir: str | os.PathLike, bootstr
                               tmp / "confusion_matrix.png", title=title)
         plot_roc(evaluation.probs.double(), evaluation.target, evaluation.spec, tmp / "roc.png",
                  operating_points(evaluation.probs.double(), evaluation.target, evaluation.spec), title=title)
+        write_marker(tmp, "evaluation")
     return report
 
 

@@ -194,8 +194,12 @@ def load_classifier(folder: str | os.PathLike, device: str | torch.device = "cpu
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from lesiongen.utils.outdir import warn_if_unfinished
+
     info = ClassifierInfo.read(folder)
     check_arch(info.arch)
+    # A killed or running training keeps its best model so far here: usable, but never silently.
+    warn_if_unfinished(folder, f"lesiongen train-classifier --out {folder} --resume latest")
     weights = Path(folder) / MODEL_FILE
     if not weights.is_file():
         raise InputError(f"{folder}: {MODEL_FILE} is missing")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from torch.utils.data import DataLoader
 from lesiongen.classifier.augment import DeviceAugment
 from lesiongen.classifier.checkpoints import (
     TrainerState,
+    check_checkpoint,
     list_checkpoints,
     resolve_resume,
     restore_best,
@@ -54,15 +54,14 @@ from lesiongen.classifier.models import (
 from lesiongen.classifier.predict import IndexDataset, evaluation_loader, predict_distributed
 from lesiongen.classifier.preprocess import normalize, shades_of_gray, to_unit_float
 from lesiongen.config import save_config, to_dict
-from lesiongen.errors import InputError
+from lesiongen.errors import InputError, OutputExistsError
 from lesiongen.metrics.clinical import ClinicalSpec, clinical_metrics
-from lesiongen.utils.atomic import atomic_path, ensure_writable
+from lesiongen.utils.atomic import atomic_path
+from lesiongen.utils.outdir import OutputFolder
 
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "history.csv"
 EVAL_DIR = "eval-val"
-# What a previous run left in an output folder; --overwrite removes exactly these.
-RUN_OUTPUTS = (MODEL_FILE, INFO_FILE, CONFIG_FILE, HISTORY_FILE, EVAL_DIR)
 LOSS_DISPLAY_EVERY = 20  # steps between loss read-outs on the progress bar
 
 
@@ -115,7 +114,9 @@ class ClassifierTrainer:
         mixed_precision = resolve_mixed_precision(config.mixed_precision, _launch_device())
         self.accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=config.grad_accum)
         self.checkpoint = resolve_resume(self.out_dir, resume) if resume else None
-        self._leftovers = self._check_out_dir(resume, overwrite)
+        if self.checkpoint is not None:
+            check_checkpoint(self.checkpoint, resume)
+        self.output = self._check_out_dir(resume, overwrite)
         set_seed(config.seed, device_specific=True)  # different augmentation per process, same per seed
         if self.accelerator.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every batch has the same shape
@@ -124,24 +125,30 @@ class ClassifierTrainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _check_out_dir(self, resume: str | None, overwrite: bool) -> list[Path]:
-        """What a fresh start must remove; refuses (on every process) to replace results without --overwrite."""
+    def _check_out_dir(self, resume: str | None, overwrite: bool) -> OutputFolder | None:
+        """Refuses (on every process) a folder of other outputs, and replacing results without --overwrite."""
         if self.checkpoint is not None:
-            return []
-        leftovers = [self.out_dir / name for name in RUN_OUTPUTS] + list_checkpoints(self.out_dir)
-        existing = [p for p in leftovers if p.exists()]
+            return None
+        output = OutputFolder(self.out_dir, "classifier")
         # A run resumed before its first checkpoint starts over; otherwise results need --overwrite.
-        if existing and not (overwrite or resume):
-            ensure_writable(existing[0], overwrite=False, what="training output")
-        return existing
+        if output.existing and not (overwrite or resume):
+            hint = "pass --overwrite to replace it"
+            if list_checkpoints(self.out_dir):
+                hint = ("it holds checkpoints: pass --resume latest to continue its training, "
+                        "or --overwrite to start again")
+            raise OutputExistsError(f"training output {self.out_dir} already exists; {hint}")
+        return output
 
     def _start_out_dir(self) -> None:
         """Called once the inputs are validated, so a refused run leaves nothing behind."""
+        from lesiongen.utils.outdir import write_marker
+
         acc = self.accelerator
         if acc.is_main_process:
-            for path in self._leftovers:
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.output is not None:
+                self.output.start(replace=True)  # a fresh start: an earlier run's results go
+            else:  # resumed: unfinished again until training completes
+                write_marker(self.out_dir, "classifier", complete=False)
             if self.checkpoint is None or not (self.out_dir / CONFIG_FILE).is_file():
                 save_config(self.config, self.out_dir / CONFIG_FILE)
         acc.wait_for_everyone()
@@ -273,10 +280,20 @@ class ClassifierTrainer:
     # ------------------------------------------------------------------ loop
 
     def run(self) -> TrainResult:
-        from tqdm.auto import tqdm
-
         self.setup()
         self._start_out_dir()
+        if self.output is None:
+            return self._train()
+        # A fresh run that fails before its first checkpoint leaves no folder to block the corrected rerun.
+        with self.output.removed_on_failure(lambda path: bool(list_checkpoints(path)),
+                                            active=self.accelerator.is_main_process):
+            return self._train()
+
+    def _train(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        from lesiongen.utils.outdir import mark_complete
+
         acc, cfg = self.accelerator, self.config
         state = TrainerState()
         if self.checkpoint is not None:
@@ -295,6 +312,8 @@ class ClassifierTrainer:
             self._save_checkpoint(state)
         progress.close()
         self._final_evaluation()
+        if acc.is_main_process:
+            mark_complete(self.out_dir)  # the model files are final now (evaluate no longer warns)
         return TrainResult(self.out_dir, state.best_epoch + 1, state.best_score, len(state.history),
                            state.stopped_early, acc.num_processes, acc.is_main_process)
 

@@ -18,7 +18,7 @@ from lesiongen.data.readers import SourceTable, read_source
 from lesiongen.data.scan import OK, scan_images
 from lesiongen.data.split import SplitConfig, assign_splits
 from lesiongen.errors import InputError
-from lesiongen.utils.atomic import ensure_writable
+from lesiongen.utils.outdir import check_out_file
 
 
 def label_aliases(prompts: PromptSet) -> dict[str, str]:
@@ -68,7 +68,7 @@ def index_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str = 
         config = SplitConfig(tuple(fractions), seed)
     except ValueError as err:
         raise InputError(f"split: {err}") from err
-    out = ensure_writable(out, overwrite, what="manifest")
+    out = check_out_file(out, overwrite, what="manifest")
     table = read_source(source, fmt, metadata_csv=metadata_csv)
     prompts = str(prompts or table.prompts)
     prompt_set = load_prompts(prompts)

@@ -141,6 +141,11 @@ def _require_columns(df: pd.DataFrame, path: Path, required: tuple[str, ...]) ->
         raise InputError(f"{path}: missing required column(s) {missing}; found {list(df.columns)}")
 
 
+def _require_rows(df: pd.DataFrame, path: Path) -> None:
+    if df.empty:
+        raise InputError(f"{path} has no rows (only a header); expected one row per image")
+
+
 def _reject_duplicates(values: pd.Series, path: Path, column: str) -> None:
     duplicated = values[values.duplicated(keep=False)]
     if len(duplicated):
@@ -184,6 +189,7 @@ def read_ham10000(source: Path) -> SourceTable:
     path = _table_file(source, "ham10000")
     df = read_csv_text(path)
     _require_columns(df, path, ("lesion_id", "image_id", "dx"))
+    _require_rows(df, path)
     _reject_duplicates(df["image_id"], path, "image_id")
     root = path.parent
     images = _locate_by_id(df["image_id"], root, path, "image_id")
@@ -203,6 +209,7 @@ def read_isic2019(source: Path, metadata_csv: str | os.PathLike | None = None) -
     path = _table_file(source, "isic2019")
     df = read_csv_text(path)
     _require_columns(df, path, ("image",))
+    _require_rows(df, path)
     _reject_duplicates(df["image"], path, "image")
     class_columns = [c for c in df.columns if c != "image" and c in ISIC2019_CLASS_COLUMNS]
     labels = []
@@ -259,6 +266,7 @@ def read_labels_csv(source: Path) -> SourceTable:
     path = _table_file(source, "labels")
     df = read_csv_text(path)
     _require_columns(df, path, ("image", "label"))
+    _require_rows(df, path)
     images = []
     for i, image in enumerate(df["image"]):
         where = f"{path} row {i + 2}, column 'image'"

@@ -35,7 +35,8 @@ from lesiongen.data.toy_render import (
     sigmoid,
 )
 from lesiongen.errors import InputError
-from lesiongen.utils.atomic import atomic_dir, ensure_writable
+from lesiongen.utils.atomic import atomic_dir
+from lesiongen.utils.outdir import check_replaceable, write_marker
 
 Range = tuple[float, float]
 RGB = tuple[float, float, float]
@@ -291,7 +292,7 @@ def make_toy_dataset(out_dir: str | os.PathLike, n_per_class: int = 16, size: in
         raise InputError(f"size must be >= 32 px (64 or 128 recommended), got {size}")
     from threadpoolctl import threadpool_limits  # scikit-learn's dependency
 
-    out_dir = ensure_writable(out_dir, overwrite, what="toy data folder")
+    out_dir = check_replaceable(out_dir, "toy-data", overwrite, what="toy data folder")
     rows = []
     # The matrices here are tiny (64 x 10); BLAS threads only add overhead (twice as slow measured).
     with threadpool_limits(1, user_api="blas"), atomic_dir(out_dir) as tmp:
@@ -309,4 +310,5 @@ def make_toy_dataset(out_dir: str | os.PathLike, n_per_class: int = 16, size: in
                     made += 1
                 lesion_index += 1
         pd.DataFrame(rows).to_csv(tmp / "labels.csv", index=False)  # the folder as a whole is atomic
+        write_marker(tmp, "toy-data")
     return Path(out_dir) / "labels.csv"

@@ -13,6 +13,7 @@ same folder with the same settings fills in the missing images only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ import torch
 
 from lesiongen.data.prompts import PromptSet
 from lesiongen.errors import InputError, OutputExistsError
+from lesiongen.utils.outdir import OutputFolder
 
 SCHEDULERS = ("ddim", "dpmpp", "euler")
 GENERATION_FILE = "generation.json"
@@ -47,6 +49,9 @@ class GenerationSettings:
     fuse: bool = True  # fold LoRA and fuse QKV projections (slightly different floating-point sums)
 
     def __post_init__(self) -> None:
+        from lesiongen.config import check_finite
+
+        check_finite(self)  # --guidance nan would pass the range check below
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.guidance < 0:
@@ -183,6 +188,7 @@ class GenerationRecord:
     classes: list[str]
     requests: int = 0
     extra: dict = field(default_factory=dict)
+    request: dict | None = None  # what was asked for: {"classes": {class: n}} or {"prompt", "label", "n"}
 
     def locked(self) -> dict:
         values = {**self.settings, "base_hash": self.base_hash, "adapter_hash": self.adapter_hash}
@@ -193,21 +199,37 @@ class GenerationRecord:
         return hashlib.sha256(f"{self.base_hash}|{self.adapter_hash}".encode()).hexdigest()
 
 
-def check_resumable(out_dir: Path, record: GenerationRecord, overwrite: bool) -> None:
-    """A folder is completed only by the same settings; anything else needs another folder or --overwrite."""
+def _keeps_every_image(old: dict, new: dict | None) -> bool:
+    """`new` asks for every image of `old` (the same or higher counts), so no row of the folder goes."""
+    new = new or {}
+    if "classes" in old:
+        return isinstance(new.get("classes"), dict) and all(
+            new["classes"].get(label, 0) >= count for label, count in old["classes"].items())
+    return ({k: v for k, v in old.items() if k != "n"} == {k: v for k, v in new.items() if k != "n"}
+            and new.get("n", 0) >= old.get("n", 0))
+
+
+def check_resumable(out_dir: Path, record: GenerationRecord, overwrite: bool) -> OutputFolder:
+    """A folder is completed (or extended: higher counts) only by the same request and settings; a request
+    that would drop images, or other settings, needs another folder or --overwrite (which replaces only a
+    folder `generate` made)."""
+    folder = OutputFolder(out_dir, "generation")
     path = out_dir / GENERATION_FILE
-    if not path.is_file():
-        if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-            raise OutputExistsError(f"{out_dir} exists and was not made by `lesiongen generate`; pass --overwrite "
-                                    "or choose another --out")
-        return
-    previous = json.loads(path.read_text(encoding="utf-8"))
-    old = GenerationRecord(**previous).locked()
+    if not folder.existing or not path.is_file():
+        return folder
+    old_record = GenerationRecord(**json.loads(path.read_text(encoding="utf-8")))
+    old = old_record.locked()
     changed = {k: (old[k], v) for k, v in record.locked().items() if old[k] != v}
+    if old_record.request is not None and not _keeps_every_image(old_record.request, record.request):
+        changed["request"] = (old_record.request, record.request)
+    elif old_record.request is None and record.requests < old_record.requests:  # folders of older versions
+        changed["images requested"] = (old_record.requests, record.requests)
     if changed and not overwrite:
         details = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise OutputExistsError(f"{out_dir} holds images generated with other settings ({details}); "
-                                "choose another --out or pass --overwrite")
+        raise OutputExistsError(f"{out_dir} holds images generated for another request or with other settings "
+                                f"({details}); rerun the same request (or higher counts) to complete it, choose "
+                                "another --out, or pass --overwrite to replace it")
+    return folder
 
 
 def manifest_rows(requests: list[ImageRequest], record: GenerationRecord, negative_prompt: str,
@@ -248,18 +270,30 @@ def generate_to_folder(renderer: Renderer, requests: list[ImageRequest], out_dir
     n-th missing image; the main process keeps the manifest, which lists the PNGs present at the time
     of writing (they appear by atomic rename, so a listed image is always complete).
     """
-    from lesiongen.data.manifest import Manifest, write_manifest
     from lesiongen.utils.atomic import write_json
 
     out_dir = Path(out_dir)
     main = processes is None or processes.is_main_process
+    record.requests = len(requests)
+    folder = None
     if main:
-        check_resumable(out_dir, record, overwrite)
-        record.requests = len(requests)
+        folder = check_resumable(out_dir, record, overwrite)
+        folder.start(replace=overwrite)  # --overwrite: the folder's earlier images and manifest go
         write_json(out_dir / GENERATION_FILE, asdict(record))
     if processes is not None:
         processes.wait_for_everyone()
-    todo = [r for r in requests if overwrite or not (out_dir / r.image).is_file()]
+    # A folder this call started that fails before its first image is removed again.
+    with (folder.removed_on_failure(lambda path: any((path / "images").rglob("*.png")))
+          if folder is not None else contextlib.nullcontext()):
+        return _render(renderer, requests, out_dir, record, main=main, progress=progress, processes=processes,
+                       folder=folder)
+
+
+def _render(renderer: Renderer, requests: list[ImageRequest], out_dir: Path, record: GenerationRecord, *,
+            main: bool, progress: bool, processes, folder: OutputFolder | None) -> Path:
+    from lesiongen.data.manifest import Manifest, write_manifest
+
+    todo = [r for r in requests if not (out_dir / r.image).is_file()]
     if processes is not None:
         todo = todo[processes.process_index::processes.num_processes]
     size = renderer.settings.batch_size
@@ -281,6 +315,7 @@ def generate_to_folder(renderer: Renderer, requests: list[ImageRequest], out_dir
         processes.wait_for_everyone()
     if main:
         write_manifest_now()
+        folder.finish()
     return out_dir / MANIFEST_FILE
 
 
@@ -305,19 +340,23 @@ class LoadedGenerator:
 
     def class_folder(self, counts: dict[str, int], seed: int, out: str | os.PathLike, *,
                      overwrite: bool = False, progress: bool = True) -> Path:
-        """`counts[c]` images of each class c into `out` (resumable); returns its manifest path."""
+        """`counts[c]` images of each class c into `out` (resumable; a folder made with lower counts is
+        topped up); returns its manifest path."""
         for label in counts:
             self.prompt_set.get(label)
-        return self._fill(class_requests(self.prompt_set, counts, seed), seed, out, overwrite, progress)
+        return self._fill(class_requests(self.prompt_set, counts, seed), seed, out, overwrite, progress,
+                          {"classes": dict(counts)})
 
     def prompt_folder(self, prompt: str, label: str | None, n: int, seed: int, out: str | os.PathLike, *,
                       overwrite: bool = False, progress: bool = True) -> Path:
         """`n` images of a free prompt into `out`, labelled `label` or by the class token it names."""
-        return self._fill(prompt_requests(self.prompt_set, prompt, n, seed, label), seed, out, overwrite, progress)
+        requests = prompt_requests(self.prompt_set, prompt, n, seed, label)
+        return self._fill(requests, seed, out, overwrite, progress,
+                          {"prompt": prompt, "label": requests[0].label if requests else label, "n": n})
 
     def _fill(self, requests: list[ImageRequest], seed: int, out: str | os.PathLike, overwrite: bool,
-              progress: bool) -> Path:
-        record = replace(self.record, settings={**self.record.settings, "seed": seed})
+              progress: bool, request: dict) -> Path:
+        record = replace(self.record, settings={**self.record.settings, "seed": seed}, request=request)
         return generate_to_folder(self.renderer, requests, out, record, overwrite=overwrite, progress=progress,
                                   processes=self.processes)
 
@@ -357,8 +396,9 @@ def load_generator(*, base: str | None, adapter: str | os.PathLike | None, steps
     pipe = load_adapted_pipeline(base, adapter, allow_pickle=allow_pickle, torch_dtype=dtype)
     pipe.to(processes.device)
     pipe.set_progress_bar_config(disable=True)
-    settings.resolution = check_resolution(pipe, resolution or (info.resolution if info else native_resolution(pipe)),
-                                           where=str(base))
+    if resolution is None:  # 0 is not "the default": check_resolution refuses it
+        resolution = info.resolution if info else native_resolution(pipe)
+    settings.resolution = check_resolution(pipe, resolution, where=str(base))
     set_scheduler(pipe, scheduler)
     optimize_for_inference(pipe, fuse=fuse, compile=compile)
     record = GenerationRecord(settings=asdict(settings), base=str(base), base_hash=pipeline_hash(base),

@@ -79,7 +79,10 @@ def check_weights_file(path: Path, *, allow_pickle: bool) -> None:
 
 
 def check_pipeline_folder(folder: Path, *, allow_pickle: bool = False) -> dict:
-    """Validate a diffusers pipeline folder and return its model_index.json; errors name what is missing."""
+    """Validate a diffusers pipeline folder and return its model_index.json; errors name what is missing
+    or which file is unreadable (a safetensors header, a component's JSON config)."""
+    from lesiongen.diffusion.lora_files import read_header
+
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         hint = ""
@@ -108,6 +111,14 @@ def check_pipeline_folder(folder: Path, *, allow_pickle: bool = False) -> dict:
         if not safetensors and not allow_pickle:
             raise InputError(f"{sub}: only pickle weights ({pickles[0].name}), which can run arbitrary code "
                              "when loaded; convert them to safetensors or pass --allow-pickle")
+        for weights in safetensors:  # header only: a corrupt or truncated file fails here, naming itself
+            read_header(weights)
+    for component in REQUIRED_COMPONENTS:  # a broken config would otherwise be diffusers' OSError
+        for config_file in sorted((folder / component).glob("*.json")):
+            try:
+                json.loads(config_file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise InputError(f"{config_file}: not valid JSON ({err})") from err
     return index
 
 
@@ -121,10 +132,14 @@ def _load_folder(folder: Path, *, allow_pickle: bool, torch_dtype):
 
     check_pipeline_folder(folder, allow_pickle=allow_pickle)
     # Safety checker / feature extractor are optional and absent from research bases.
-    return StableDiffusionPipeline.from_pretrained(
-        str(folder), **dtype_kwargs(torch_dtype), use_safetensors=None if allow_pickle else True,
-        local_files_only=True, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            str(folder), **dtype_kwargs(torch_dtype), use_safetensors=None if allow_pickle else True,
+            local_files_only=True, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as err:  # what the checks above cannot see, e.g. a config of the wrong shape
+        raise InputError(f"{folder}: could not load it as a diffusers pipeline ({type(err).__name__}: "
+                         f"{str(err)[:300]})") from err
 
 
 def _load_hub(repo_id: str, *, allow_pickle: bool, torch_dtype):

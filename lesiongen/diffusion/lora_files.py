@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lesiongen.errors import InputError
@@ -97,12 +97,16 @@ def config_to_dict(config) -> dict:
     return json.loads(json.dumps(out, default=str))
 
 
+# What reading a file that is not (a complete) safetensors file raises: SafetensorError is no ValueError.
+SAFETENSORS_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
+
+
 def read_header(path: str | os.PathLike) -> dict[str, str]:
     """A safetensors file's `__metadata__` (empty when it has none)."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             return dict(handle.metadata() or {})
-    except (OSError, ValueError, RuntimeError) as err:  # safetensors raises SafetensorError (a ValueError)
+    except SAFETENSORS_ERRORS as err:
         raise InputError(f"{path}: not a readable safetensors file ({err})") from err
 
 
@@ -111,7 +115,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     try:
         return load_file(str(path), device="cpu")
-    except (OSError, ValueError, RuntimeError) as err:
+    except SAFETENSORS_ERRORS as err:
         raise InputError(f"{path}: not a readable safetensors file ({err})") from err
 
 

@@ -5,17 +5,31 @@ from __future__ import annotations
 from lesiongen.errors import InputError
 
 
-def resolution_multiple(pipe) -> int:
+def multiple_of(vae_scale_factor: int, unet_down_blocks: int) -> int:
     """The VAE's downsampling times the UNet's (one halving per down block but the last)."""
-    unet_factor = 2 ** (len(pipe.unet.config.down_block_types) - 1)
-    return int(pipe.vae_scale_factor) * unet_factor
+    return int(vae_scale_factor) * 2 ** (unet_down_blocks - 1)
+
+
+def resolution_multiple(pipe) -> int:
+    return multiple_of(pipe.vae_scale_factor, len(pipe.unet.config.down_block_types))
+
+
+def resolution_problem(resolution: int, vae_scale_factor: int, unet_down_blocks: int, base: str) -> str | None:
+    """Why `base` (its VAE and UNet factors) cannot take `resolution`, with the nearest sizes it can; or None."""
+    multiple = multiple_of(vae_scale_factor, unet_down_blocks)
+    if resolution <= 0:
+        return f"must be positive ({base} takes multiples of {multiple} px)"
+    if resolution % multiple:
+        lower, upper = resolution // multiple * multiple, (resolution // multiple + 1) * multiple
+        suggestion = f"{lower} or {upper}" if lower > 0 else str(upper)
+        return (f"{base} needs a positive multiple of {multiple} (VAE x{vae_scale_factor}, "
+                f"UNet x{multiple // vae_scale_factor}); try {suggestion}")
+    return None
 
 
 def check_resolution(pipe, resolution: int, *, where: str, flag: str = "--resolution") -> int:
-    multiple = resolution_multiple(pipe)
-    if resolution <= 0 or resolution % multiple:
-        lower, upper = resolution // multiple * multiple, (resolution // multiple + 1) * multiple
-        suggestion = f"{lower} or {upper}" if lower > 0 else str(upper)
-        raise InputError(f"{flag} {resolution}: the base {where} needs a positive multiple of {multiple} "
-                         f"(VAE x{pipe.vae_scale_factor}, UNet x{multiple // pipe.vae_scale_factor}); try {suggestion}")
+    problem = resolution_problem(resolution, pipe.vae_scale_factor, len(pipe.unet.config.down_block_types),
+                                 f"the base {where}")
+    if problem is not None:
+        raise InputError(f"{flag} {resolution}: {problem}")
     return resolution

@@ -97,16 +97,11 @@ def _jsonable(cfg: dict) -> dict:
 def _embedded_config_dir(path: Path) -> Path | None:
     if path.suffix.lower() != ".safetensors":
         return None
-    from safetensors import safe_open
-
+    from lesiongen.diffusion.lora_files import read_header  # the check `lesiongen export` uses too
     from lesiongen.utils.cache import cache_root
     from lesiongen.utils.hashing import sha256_file
 
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types for a bad header
-        raise InputError(f"{path}: not a readable safetensors file ({err})") from err
+    metadata = read_header(path)
     if EMBEDDED_CONFIG_KEY not in metadata:
         return None
     configs = json.loads(metadata[EMBEDDED_CONFIG_KEY])

@@ -185,7 +185,7 @@ class LoopConfig:
     name: str = "lesiongen-run"
     demo: bool = False  # the toy data and a small in-house base: every output says it is a demonstration
     rounds: int = 1
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] | int = field(default_factory=lambda: [0])  # an int N: seeds 0 .. N-1
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     rare_classes: dict[str, int] = field(default_factory=dict)  # class -> prompted samples per round (mined arm)
     cpu_threads: int | None = None  # torch CPU threads for every stage (None: torch's default)
@@ -260,7 +260,7 @@ def load_loop_config(path: str | os.PathLike | None = None, overrides: dict[str,
         owned = sorted(set(_at(data, section)) & set(keys))
         if owned:
             raise InputError(f"{where}: {section}.{owned[0]} is set by the loop for every stage; remove it")
-    config = from_dict(LoopConfig, data, where=where)
+    config = from_dict(LoopConfig, data, where=where, flags=overrides, flag_names=lambda key: f"--set {key}")
     check_classes(config, where)
     return config
 

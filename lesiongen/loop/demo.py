@@ -17,20 +17,27 @@ DEMO_CONFIG = "demo"
 
 
 def run_demo(out: str | os.PathLike, *, overwrite: bool = False, echo: Callable[[str], None] = print) -> Path:
-    from lesiongen.loop.config import load_loop_config, shipped_config
     from lesiongen.loop.run import create_run, run_loop
     from lesiongen.report import write_report
-    from lesiongen.runs import STATE_FILE
+    from lesiongen.runs import RunDir, current_processes
+    from lesiongen.utils.outdir import OutputFolder, removed_on_failure
 
     started = time.monotonic()
     out = Path(out)
     echo(_banner())
-    if (out / STATE_FILE).is_file() and not overwrite:
+    config = demo_config()
+    folder = OutputFolder(out, "loop")  # refuses a file, or a folder of anything but a loop run
+    created = None
+    if folder.existing and not overwrite:
+        check_is_demo(out, config)
         echo(f"resuming the demo in {out} (finished stages are kept; --overwrite starts again)")
     else:
-        create_run(load_loop_config(shipped_config(DEMO_CONFIG)), out, overwrite=overwrite)
+        created = not (out.is_dir() and not any(out.iterdir()))
+        create_run(config, out, overwrite=overwrite)
         echo(f"demo run folder: {out}")
-    outcome = run_loop(out, echo=echo)
+    with removed_on_failure(out, lambda path: RunDir(path).holds_progress(), existed=not created,
+                            active=created is not None and current_processes().is_main_process):
+        outcome = run_loop(out, echo=echo)
     paths = write_report(outcome.run_dir)
     echo("")
     echo(results_text(outcome.run_dir))
@@ -39,6 +46,34 @@ def run_demo(out: str | os.PathLike, *, overwrite: bool = False, echo: Callable[
     echo(f"report: {paths.html}\n        {paths.markdown}")
     echo(f"demo wall time: {_minutes(time.monotonic() - started)}")
     return outcome.run_dir
+
+
+def demo_config():
+    """The demo's resolved loop config (the shipped `configs/demo.yaml`)."""
+    from lesiongen.loop.config import load_loop_config, shipped_config
+
+    return load_loop_config(shipped_config(DEMO_CONFIG))
+
+
+def check_is_demo(run_dir: Path, config) -> None:
+    """Only the demo's own runs are resumed as the demo: the run's saved config must be the demo's."""
+    import yaml
+
+    from lesiongen.errors import OutputExistsError
+    from lesiongen.loop.config import config_yaml, load_resolved
+    from lesiongen.runs import CONFIG_FILE
+
+    saved = run_dir / CONFIG_FILE
+    try:
+        theirs = yaml.safe_load(config_yaml(load_resolved(saved)))
+    except Exception:  # an unreadable or invalid config is not the demo's either
+        theirs = None
+    ours = yaml.safe_load(config_yaml(config))
+    if theirs != ours:
+        differ = sorted(k for k in set(ours) | set(theirs or {}) if (theirs or {}).get(k) != ours.get(k))
+        raise OutputExistsError(f"{run_dir} holds a loop run that is not the demo (its {CONFIG_FILE} differs from "
+                                f"the demo's in: {', '.join(differ)}); choose another --out, or pass --overwrite to "
+                                "replace that run with the demo")
 
 
 def results_text(run_dir: Path) -> str:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ from lesiongen.metrics.fid import DEFAULT_KID_SUBSET_SIZE, DEFAULT_KID_SUBSETS, 
 from lesiongen.metrics.frechet_unbiased import DEFAULT_COMPONENTS
 from lesiongen.metrics.manifold import DEFAULT_K, prdc
 from lesiongen.metrics.memorization import DEFAULT_PHASH_THRESHOLD, MemorizationIndex, MemorizationResult
+from lesiongen.utils.device import resolve_device
 from lesiongen.utils.hashing import sha256_file
 
 RESIZE_METHOD = "PIL bicubic (antialiased)"
@@ -262,10 +263,11 @@ def _probs_and_features(model, info, images: Tensor, batch_size: int) -> dict[st
 def feature_spaces(config: QualityConfig, classifier_dir: str | os.PathLike | None = None) -> list[FeatureSpace]:
     """The configured Inception layer (unless None) and, given a classifier folder, its features."""
     spaces = []
+    device = str(resolve_device(config.device))
     if config.inception_feature:
-        spaces.append(inception_space(config.inception_feature, batch_size=config.batch_size, device=config.device))
+        spaces.append(inception_space(config.inception_feature, batch_size=config.batch_size, device=device))
     if classifier_dir is not None:
-        spaces.append(classifier_space(classifier_dir, batch_size=config.batch_size, device=config.device))
+        spaces.append(classifier_space(classifier_dir, batch_size=config.batch_size, device=device))
     return spaces
 
 
@@ -434,11 +436,15 @@ def evaluate_synthetic(real: Manifest, synthetic: Manifest, classifier_dir: str 
 
     With `out_dir`, also writes memorization.csv and the plots (see `write_quality_outputs`).
     """
-    from lesiongen.utils.atomic import ensure_writable
+    from lesiongen.errors import OutputExistsError
+    from lesiongen.utils.outdir import OutputFolder
 
     config = config or QualityConfig()
-    if out_dir is not None:
-        ensure_writable(Path(out_dir) / "quality.json", overwrite, what="quality report")
+    config = replace(config, device=str(resolve_device(config.device)))  # fails before any work
+    folder = OutputFolder(out_dir, "quality") if out_dir is not None else None
+    if folder is not None and folder.existing and (folder.path / "quality.json").exists() and not overwrite:
+        raise OutputExistsError(f"quality report {folder.path / 'quality.json'} already exists; pass --overwrite "
+                                "to replace it")
     real_rows = select_rows(real, synthetic=False, split=config.real_split, max_images=config.max_real,
                             seed=config.seed)
     synthetic_rows = select_rows(synthetic, synthetic=True, max_images=config.max_synthetic, seed=config.seed)
@@ -451,8 +457,11 @@ def evaluate_synthetic(real: Manifest, synthetic: Manifest, classifier_dir: str 
                                    role="synthetic", split="synthetic", cacheable=False)
     result = evaluate_images(real_set, synthetic_set, spaces=feature_spaces(config, classifier_dir), config=config)
     result.report["warnings"] = _resolution_warning(real_sizes, synthetic_sizes, size) + result.report["warnings"]
-    if out_dir is not None:
+    if folder is not None:
         from lesiongen.metrics.quality_plots import write_quality_outputs
 
-        write_quality_outputs(result, out_dir, gallery_pairs=config.gallery_pairs)
+        folder.start(replace=overwrite)
+        with folder.removed_on_failure():
+            write_quality_outputs(result, out_dir, gallery_pairs=config.gallery_pairs)
+        folder.finish()
     return result.report

@@ -14,6 +14,7 @@ from lesiongen.loop.layout import ModelKey, RunLayout
 from lesiongen.loop.summary import SUMMARY_FILE, collect
 from lesiongen.report import figures, gallery, tables
 from lesiongen.report.document import Callout, Document, Figure, Heading, Paragraph, Table
+from lesiongen.runs import CONFIG_FILE, STATE_FILE
 
 
 def load_summary(run_dir: Path, config: LoopConfig) -> dict:
@@ -24,11 +25,21 @@ def load_summary(run_dir: Path, config: LoopConfig) -> dict:
     return collect(config, RunLayout(run_dir))
 
 
+# Folders of other commands that `report` may be pointed at by mistake: a file that marks each.
+_OTHER_FOLDERS = (("classifier.json", "a classifier folder from `lesiongen train-classifier`"),
+                  ("adapter.json", "an adapter folder from `lesiongen finetune`"),
+                  ("model_index.json", "a base model folder"),
+                  ("metrics.json", "an evaluation folder from `lesiongen evaluate`"))
+
+
 def build_document(run_dir: str | Path) -> Document:
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise InputError(f"{run_dir} is not a loop run folder (no config.yaml)")
-    config = load_resolved(run_dir / "config.yaml")
+    missing = [name for name in (CONFIG_FILE, STATE_FILE) if not (run_dir / name).is_file()]
+    if missing:  # e.g. a classifier or fine-tuning folder, which has a config.yaml of its own
+        hint = next((f"; it looks like {what}" for marker, what in _OTHER_FOLDERS if (run_dir / marker).is_file()), "")
+        raise InputError(f"{run_dir} is not a loop run folder (no {' or '.join(missing)}; expected the folder "
+                         f"`lesiongen loop` writes){hint}")
+    config = load_resolved(run_dir / CONFIG_FILE)
     layout = RunLayout(run_dir)
     summary = load_summary(run_dir, config)
     results = tables.Results(summary)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lesiongen.data.manifest import SPLITS, read_csv_text
+from lesiongen.data.manifest import SPLITS, load_manifest, read_csv_text
 from lesiongen.errors import InputError, LesiongenError
 from lesiongen.utils.hashing import sha256_file
 
@@ -132,7 +132,9 @@ def load_predictions(path: str | os.PathLike, manifest_path: str | os.PathLike, 
     """Read predictions.csv (+ its meta) and refuse predictions made on another manifest or split.
 
     The manifest check compares `manifest_sha256` in predictions.meta.json with the manifest file's own
-    hash: mining predictions of another manifest would silently pick the wrong images.
+    hash: mining predictions of another manifest would silently pick the wrong images. The rows are checked
+    too (the CSV may have been edited after the meta was written): every image must be a row of the
+    manifest's `split` with the same label and group_id, listed once.
     """
     path = Path(path)
     meta_file = path.with_name(path.stem + ".meta.json")
@@ -143,6 +145,9 @@ def load_predictions(path: str | os.PathLike, manifest_path: str | os.PathLike, 
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise InputError(f"{meta_file}: not valid JSON ({err})") from err
+    if not isinstance(meta, dict) or "manifest_sha256" not in meta:
+        raise InputError(f"{path} is not a predictions file from `lesiongen evaluate` ({meta_file.name} has no "
+                         "manifest_sha256); pass the predictions.csv that `lesiongen evaluate --out` wrote")
     expected = sha256_file(manifest_path)
     if meta.get("manifest_sha256") != expected:
         raise InputError(
@@ -156,7 +161,7 @@ def load_predictions(path: str | os.PathLike, manifest_path: str | os.PathLike, 
     missing = [c for c in (*PREDICTION_COLUMNS, *prob_columns) if c not in df.columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {missing}; expected evaluate's predictions.csv")
-    df = df[df["split"] == split].reset_index(drop=True)
+    df = df[df["split"] == split].copy()  # the index keeps the file's row numbers (row = index + 2) for messages
     if df.empty:
         raise InputError(f"{path} has no predictions on split '{split}' (its meta says split "
                          f"'{meta.get('split', '?')}'); evaluate the classifier on --split {split}")
@@ -170,7 +175,30 @@ def load_predictions(path: str | os.PathLike, manifest_path: str | os.PathLike, 
     if len(unknown):
         i = unknown[0]
         raise InputError(f"{path} row {i + 2}: label/pred '{df.at[i, 'label']}'/'{df.at[i, 'pred']}' not in {classes}")
-    return Predictions(df, list(classes), path, meta)
+    _check_rows_against_manifest(df, path, manifest_path, split)
+    return Predictions(df.reset_index(drop=True), list(classes), path, meta)
+
+
+def _check_rows_against_manifest(df: pd.DataFrame, path: Path, manifest_path: str | os.PathLike, split: str) -> None:
+    """Each prediction row (index = file row - 2) must be a distinct image of the manifest's `split`, with the
+    manifest's label and group_id: a mismatch would mine an image under the wrong class or lesion."""
+    duplicated = df.index[df["image"].duplicated()]
+    if len(duplicated):
+        i = duplicated[0]
+        first = df.index[df["image"] == df.at[i, "image"]][0]
+        raise InputError(f"{path} row {i + 2}: image '{df.at[i, 'image']}' is listed twice (also row {first + 2})")
+    manifest = load_manifest(manifest_path)
+    rows = manifest.split(split, allow_empty=True).df.set_index("image")
+    for i, image, label, group in zip(df.index, df["image"], df["label"], df["group_id"]):
+        if image not in rows.index:
+            raise InputError(f"{path} row {i + 2}: image '{image}' is not in split '{split}' of {manifest_path}")
+        expected_label, expected_group = rows.at[image, "label"], rows.at[image, "group_id"]
+        if label != expected_label:
+            raise InputError(f"{path} row {i + 2}: image '{image}' has label '{label}', but {manifest_path} "
+                             f"labels it '{expected_label}'")
+        if str(group) != str(expected_group):
+            raise InputError(f"{path} row {i + 2}: image '{image}' has group_id '{group}', but {manifest_path} "
+                             f"gives '{expected_group}'")
 
 
 @dataclass

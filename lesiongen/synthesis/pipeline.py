@@ -8,8 +8,8 @@ run, make the same images. The main process then joins the records into the synt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ from lesiongen.synthesis.filters import FilterConfig, VariantFilter, build_memor
 from lesiongen.synthesis.inversion import DDIMSchedule, InversionConfig, invert, measure_round_trip
 from lesiongen.synthesis.mining import MiningConfig, MiningResult, load_predictions, mine_hard_cases
 from lesiongen.synthesis.variants import VariantConfig
+from lesiongen.utils.outdir import OutputFolder
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -198,6 +199,24 @@ def load_checked_classifier(path: str, flag: str, manifest, device: torch.device
     return model, info
 
 
+def check_classifiers(config: SynthesisConfig, manifest) -> None:
+    """The classifier folders' descriptions (cheap), checked before anything is written."""
+    from lesiongen.classifier.models import MODEL_FILE, ClassifierInfo
+
+    for path, flag in ((config.classifier, "--classifier"), (config.reference_classifier, "--reference-classifier")):
+        if not path:
+            continue
+        try:
+            info = ClassifierInfo.read(path)
+        except InputError as err:
+            raise InputError(f"{flag}: {err}") from err
+        if not (Path(path) / MODEL_FILE).is_file():
+            raise InputError(f"{flag} {path}: {MODEL_FILE} is missing")
+        if list(info.classes) != list(manifest.classes):
+            raise InputError(f"{flag} {path} predicts classes {info.classes}, but the manifest's are "
+                             f"{manifest.classes}")
+
+
 def load_classifiers(config: SynthesisConfig, manifest, device: torch.device):
     """(guide, judge): the classifier being improved (for classifier guidance) and the filter's judge."""
     guide = load_checked_classifier(config.classifier, "--classifier", manifest, device) if config.classifier else None
@@ -246,16 +265,15 @@ def mine(config: SynthesisConfig):
     return manifest, result
 
 
-def prepare_output(out: Path, resolved: dict, overwrite: bool) -> None:
+def prepare_output(out: Path, resolved: dict, overwrite: bool) -> OutputFolder:
     """Start, resume (same config) or refuse (another config, or a folder this command did not make)."""
     from lesiongen.utils.atomic import write_text
 
     config_file = out / "config.yaml"
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif not config_file.is_file():
-            raise OutputExistsError(f"{out} exists and was not made by `lesiongen mine-and-generate`; "
+    folder = OutputFolder(out, "mine-and-generate")
+    if folder.existing and not overwrite:
+        if not config_file.is_file():
+            raise OutputExistsError(f"{out} holds no config.yaml of a mine-and-generate run; "
                                     "pass --overwrite or choose another --out")
         else:
             previous = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
@@ -267,27 +285,41 @@ def prepare_output(out: Path, resolved: dict, overwrite: bool) -> None:
             if changed:
                 raise OutputExistsError(f"{out} holds a run with other settings ({', '.join(changed)} differ); "
                                         "pass --overwrite to replace it or choose another --out")
+    folder.start(replace=overwrite)
     write_text(config_file, yaml.safe_dump(resolved, sort_keys=False))
+    return folder
 
 
 def run_mine_and_generate(config: SynthesisConfig, *, overwrite: bool = False) -> dict:
     """The whole command on this process; returns the run's summary (on every process)."""
-    import json
-
     from lesiongen.synthesis import outputs
-    from lesiongen.utils.atomic import atomic_path
     from lesiongen.utils.distributed import process_state
 
     started = time.time()
     state = process_state()
     manifest, mined = mine(config)
+    check_classifiers(config, manifest)
     identity = model_identity(config)
     out = Path(config.out)
+    folder = None
     if state.is_main_process:
-        prepare_output(out, config.resolved(), overwrite)
-        if not (out / outputs.HARD_CASES).is_file():
-            with atomic_path(out / outputs.HARD_CASES) as tmp:
-                mined.cases.to_csv(tmp, index=False)
+        folder = prepare_output(out, config.resolved(), overwrite)
+    # A run this call started that fails before its first finished source leaves no folder behind.
+    with (folder.removed_on_failure(lambda path: bool(outputs.finished_sources(path)))
+          if folder is not None else contextlib.nullcontext()):
+        return _run(config, state, manifest, mined, identity, out, started, folder)
+
+
+def _run(config: SynthesisConfig, state, manifest, mined: MiningResult, identity, out: Path, started: float,
+         folder: OutputFolder | None) -> dict:
+    import json
+
+    from lesiongen.synthesis import outputs
+    from lesiongen.utils.atomic import atomic_path
+
+    if state.is_main_process and not (out / outputs.HARD_CASES).is_file():
+        with atomic_path(out / outputs.HARD_CASES) as tmp:
+            mined.cases.to_csv(tmp, index=False)
     state.wait_for_everyone()
 
     generator = load_generator(config, state.device, identity)
@@ -312,6 +344,7 @@ def run_mine_and_generate(config: SynthesisConfig, *, overwrite: bool = False) -
                                                   processes=state.num_processes),
                               manifest_meta={"source_manifest": str(Path(config.manifest).resolve()),
                                              "generator_hash": generator.generator_hash})
+        folder.finish()
     state.wait_for_everyone()
     return json.loads((out / outputs.SUMMARY).read_text(encoding="utf-8"))
 

@@ -42,6 +42,12 @@ class TrainingSet:
         if unknown:
             raise InputError(f"{path}: class(es) {unknown} are not in the prompt file {prompts.source} "
                              f"(classes: {prompts.class_names}); pass the matching --prompts")
+        used = manifest.df.index[(manifest.df["split"] == "train") & ~manifest.is_synthetic]
+        for i in used:  # before anything stats or decodes them: name the manifest row, not just the path
+            image = manifest.df.at[i, "image"]
+            if not (manifest.root / image).is_file():
+                raise InputError(f"{path} row {i + 2}, column 'image': image file '{image}' not found under "
+                                 f"{manifest.root}")
         rows = train.df.to_dict("records")
         return cls(train.image_paths(), list(train.df["label"]), rows, str(path))
 

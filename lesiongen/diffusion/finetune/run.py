@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -9,14 +10,17 @@ from lesiongen.config import from_dict, load_yaml, save_config, to_dict
 from lesiongen.diffusion.finetune.config import RESUME_LOCKED, FinetuneConfig
 from lesiongen.errors import InputError, OutputExistsError
 from lesiongen.utils.atomic import write_json
+from lesiongen.utils.outdir import OutputFolder, mark_complete, write_marker
 
 CONFIG_FILE = "config.yaml"
 TRAIN_LOG_FILE = "train_log.json"
 CACHE_DIR = "cache"
 
 
-def resolve_config(overrides: dict, *, config_file: str | None = None, resume: str | None = None) -> FinetuneConfig:
-    """Dataclass defaults -> `--config` YAML -> CLI flags; a resumed run starts from its saved config."""
+def resolve_config(overrides: dict, *, config_file: str | None = None, resume: str | None = None,
+                   flag_names: dict[str, str] | None = None) -> FinetuneConfig:
+    """Dataclass defaults -> `--config` YAML -> CLI flags; a resumed run starts from its saved config. A bad
+    value from a flag is reported under the flag (`flag_names`: dotted key -> flag, where not `--key`)."""
     overrides = _given(overrides)
     base: dict = {}
     out = overrides.get("out")
@@ -25,7 +29,8 @@ def resolve_config(overrides: dict, *, config_file: str | None = None, resume: s
         base = load_yaml(saved)
     if config_file:
         base = _overlay(base, load_yaml(config_file))
-    config = from_dict(FinetuneConfig, _overlay(base, overrides), where=str(config_file or "finetune settings"))
+    config = from_dict(FinetuneConfig, _overlay(base, overrides), where=str(config_file or "finetune settings"),
+                       flags=overrides, flag_names=flag_names)
     for name in ("base", "manifest", "out"):
         if not getattr(config, name):
             raise InputError(f"--{name} is required (or set '{name}' in the --config file)")
@@ -51,28 +56,39 @@ def _given(values: dict) -> dict:
     return out
 
 
-def prepare_out_dir(config: FinetuneConfig, *, resume: str | None, overwrite: bool) -> Path:
-    """A fresh run needs an empty folder (or --overwrite); a resumed one must keep its locked settings."""
+def prepare_out_dir(config: FinetuneConfig, *, resume: str | None, overwrite: bool) -> OutputFolder | None:
+    """A fresh run needs an empty folder (or --overwrite of an earlier finetune output); a resumed one must
+    keep its locked settings. Returns the folder when this call starts it (None: a resumed run)."""
     out = Path(config.out)
     saved = out / CONFIG_FILE
+    folder = None
     if resume and saved.is_file():
         before, now = to_dict(from_dict(FinetuneConfig, load_yaml(saved), where=str(saved))), to_dict(config)
         changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in RESUME_LOCKED if before[k] != now[k]]
         if changed:
             raise InputError(f"--resume {resume}: {out} was trained with other settings ({'; '.join(changed)}); "
                              "only steps, logging, checkpoint and validation settings may change on resume")
-    elif out.exists() and any(out.iterdir()):
+        write_marker(out, "finetune", complete=False)  # unfinished (again) until the adapter is written
+    elif (folder := OutputFolder(out, "finetune")).existing:
         if overwrite:
-            shutil.rmtree(out)
+            pass  # replaced by `start` below
         elif resume:
             raise OutputExistsError(f"--resume {resume}: {out} is not a finetune run (no {CONFIG_FILE}); "
                                     "choose another --out, or pass --overwrite to replace it")
         else:
             raise OutputExistsError(f"{out} already exists; pass --resume latest to continue its training, "
                                     "or --overwrite to start again")
+    if folder is not None:
+        folder.start(replace=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, saved)
-    return out
+    return folder
+
+
+def _resumable(out: Path) -> bool:
+    from lesiongen.utils.checkpoints import list_checkpoints
+
+    return bool(list_checkpoints(out)) or (out / "adapter.json").is_file()
 
 
 def run_finetune(config: FinetuneConfig, *, resume: str | None = None, overwrite: bool = False) -> Path:
@@ -81,15 +97,19 @@ def run_finetune(config: FinetuneConfig, *, resume: str | None = None, overwrite
     from lesiongen.utils.distributed import process_state
 
     state = process_state()
-    if state.is_main_process:
-        prepare_out_dir(config, resume=resume, overwrite=overwrite)
+    folder = prepare_out_dir(config, resume=resume, overwrite=overwrite) if state.is_main_process else None
     state.wait_for_everyone()
-    trainer = Trainer(config, resume=resume).setup()
-    trainer.train()
-    trainer.final_weights()
-    if trainer.accelerator.is_main_process:
-        export_adapter(trainer)
-        shutil.rmtree(Path(config.out) / CACHE_DIR, ignore_errors=True)  # latents only serve unfinished training
+    # A run this call started that fails before its first checkpoint (a bad --base, say) leaves no folder
+    # behind, so the corrected rerun needs no --resume or --overwrite.
+    guard = folder.removed_on_failure(_resumable) if folder is not None else contextlib.nullcontext()
+    with guard:
+        trainer = Trainer(config, resume=resume).setup()
+        trainer.train()
+        trainer.final_weights()
+        if trainer.accelerator.is_main_process:
+            export_adapter(trainer)
+            shutil.rmtree(Path(config.out) / CACHE_DIR, ignore_errors=True)  # latents only serve unfinished training
+            mark_complete(config.out)
     trainer.accelerator.wait_for_everyone()
     return Path(config.out)
 

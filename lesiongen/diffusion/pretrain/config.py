@@ -119,8 +119,19 @@ class PretrainConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        from lesiongen.diffusion.presets import PRESETS
+        from lesiongen.diffusion.resolution import resolution_problem
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got '{self.preset}'")
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"resolution must be >= 8 px, got {self.resolution}")
+        if self.resolution is not None:  # a base that `generate` and `finetune` would refuse is never trained
+            preset = PRESETS[self.preset]
+            problem = resolution_problem(self.resolution, preset.vae_scale_factor, len(preset.unet["down_block_types"]),
+                                         f"a '{self.preset}' base")
+            if problem is not None:
+                raise ValueError(f"resolution {self.resolution}: {problem}")
         if self.split not in ("train", "val", "test"):
             raise ValueError(f"split must be train, val or test, got '{self.split}'")
         if self.mixed_precision not in MIXED_PRECISION:

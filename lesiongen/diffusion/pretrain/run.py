@@ -16,8 +16,10 @@ from pathlib import Path
 from lesiongen.diffusion.pretrain import checkpoints as ckpt
 from lesiongen.diffusion.pretrain.config import PretrainConfig
 from lesiongen.diffusion.pretrain.trainer import CONFIG_FILE, Pretrainer, PretrainResult
-from lesiongen.errors import InputError
-from lesiongen.utils.atomic import ensure_writable, write_json
+from lesiongen.errors import InputError, OutputExistsError
+from lesiongen.utils.atomic import write_json
+from lesiongen.utils.device import resolve_device
+from lesiongen.utils.outdir import OutputFolder
 
 # Config fields a resumed run may change; anything else would make the checkpoint mean something else.
 RESUMABLE_CHANGES = {"vae.steps", "unet.steps", "log_every", "sample_every", "samples_per_class", "sample_steps",
@@ -66,29 +68,52 @@ def pretrain_base(manifest: str | Path, out: str | Path, *, preset: str = "small
             config,
             vae=dataclasses.replace(config.vae, steps=config.vae.steps if vae_steps is None else vae_steps),
             unet=dataclasses.replace(config.unet, steps=config.unet.steps if unet_steps is None else unet_steps))
+    resolve_device(config.device)  # a bad --device fails before anything is written
     out = Path(out)
-    checkpoint = _prepare_out(out, config, resume, overwrite)
-    trainer = Pretrainer(config, Path(manifest), out, log=log)
-    save_config(config, out / CONFIG_FILE)
+    if config.eval_classifier:  # checked now, not after all the training
+        _check_eval_classifier(config.eval_classifier)
+    checkpoint, folder = _prepare_out(out, config, resume, overwrite)
+    # A run this call started that fails before its first checkpoint leaves no folder behind.
+    with folder.removed_on_failure(lambda path: bool(ckpt.checkpoints_in(path))):
+        trainer = Pretrainer(config, Path(manifest), out, log=log)
+        save_config(config, out / CONFIG_FILE)
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
+        result = trainer.run(stop_after_steps=stop_after_steps, time_limit_s=time_limit_s)
+    if result.finished:
+        folder.finish()
+    return result
+
+
+def _check_eval_classifier(folder: str) -> None:
+    from lesiongen.classifier.models import MODEL_FILE, ClassifierInfo
+
+    try:
+        ClassifierInfo.read(folder)
+    except InputError as err:
+        raise InputError(f"--eval-classifier: {err}") from err
+    if not (Path(folder) / MODEL_FILE).is_file():
+        raise InputError(f"--eval-classifier: {folder} has no {MODEL_FILE}")
+
+
+def _prepare_out(out: Path, config: PretrainConfig, resume: str | None,
+                 overwrite: bool) -> tuple[Path | None, OutputFolder]:
+    """The checkpoint to resume from (None: start fresh) and the folder, after checking it may be used."""
+    checkpoint = ckpt.find_checkpoint(out, resume) if resume is not None else None
     if checkpoint is not None:
-        trainer.restore(checkpoint)
-    return trainer.run(stop_after_steps=stop_after_steps, time_limit_s=time_limit_s)
-
-
-def _prepare_out(out: Path, config: PretrainConfig, resume: str | None, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from (None: start fresh), after checking the folder may be used."""
-    if resume is None:
-        if overwrite and out.exists():
-            shutil.rmtree(out)
-        ensure_writable(out, overwrite=False, what="pretraining output folder")
-        out.mkdir(parents=True, exist_ok=True)
-        return None
-    checkpoint = ckpt.find_checkpoint(out, resume)
-    saved = out / CONFIG_FILE
-    if checkpoint is not None and saved.is_file():
-        check_resumable(saved, config)
-    out.mkdir(parents=True, exist_ok=True)
-    return checkpoint
+        saved = out / CONFIG_FILE
+        if saved.is_file():
+            check_resumable(saved, config)
+        folder = OutputFolder(out, "pretrain")
+        folder.start()  # unfinished (again) until the run completes
+        return checkpoint, folder
+    folder = OutputFolder(out, "pretrain")
+    if folder.existing and resume is None and not overwrite:
+        hint = ("it holds checkpoints: pass --resume latest to continue its training, or --overwrite to start again"
+                if ckpt.checkpoints_in(out) else "pass --overwrite to replace it")
+        raise OutputExistsError(f"pretraining output folder {out} already exists; {hint}")
+    folder.start(replace=overwrite)  # `--resume latest` without a checkpoint yet starts in the folder
+    return None, folder
 
 
 def check_resumable(saved_config: Path, config: PretrainConfig) -> None:
@@ -113,8 +138,10 @@ def _flatten(data: dict, prefix: str = "") -> dict:
     return flat
 
 
-def resolve_config(config_file: str | Path | None, overrides: dict, out: Path, resume: str | None) -> PretrainConfig:
-    """YAML recipe -> CLI flags -> PretrainConfig; a resumed run starts from the config it was started with."""
+def resolve_config(config_file: str | Path | None, overrides: dict, out: Path, resume: str | None,
+                   flag_names: dict[str, str] | None = None) -> PretrainConfig:
+    """YAML recipe -> CLI flags -> PretrainConfig; a resumed run starts from the config it was started with.
+    A bad value from a flag is reported under the flag (`flag_names`: dotted key -> flag, where not `--key`)."""
     from lesiongen.config import from_dict, load_yaml, merge
 
     overrides = _drop_none(overrides)
@@ -126,7 +153,7 @@ def resolve_config(config_file: str | Path | None, overrides: dict, out: Path, r
     else:
         base = load_yaml(config_file) if config_file is not None else {}
         where = str(config_file or "base pretrain")
-    return from_dict(PretrainConfig, merge(base, overrides), where=where)
+    return from_dict(PretrainConfig, merge(base, overrides), where=where, flags=overrides, flag_names=flag_names)
 
 
 def _drop_none(data: dict) -> dict:

@@ -33,6 +33,7 @@ from lesiongen.diffusion.pretrain.data import ClassImages, dihedral_by_position,
 from lesiongen.diffusion.pretrain.latents import LatentSet, cached_latents
 from lesiongen.diffusion.pretrain.objectives import diffusion_target, loss_weights, lr_at
 from lesiongen.errors import InputError
+from lesiongen.utils.device import resolve_device
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -66,7 +67,7 @@ class Pretrainer:
         if config.resolution is not None and config.resolution != preset.resolution:
             preset = dataclasses.replace(preset, resolution=config.resolution)
         self.preset = preset
-        self.device = _resolve_device(config.device)
+        self.device = resolve_device(config.device)
         if self.device.type == "cpu" and config.cpu_threads:
             torch.set_num_threads(config.cpu_threads)
         self.autocast_dtype = torch.bfloat16 if _use_bf16(config.mixed_precision, self.device) else None
@@ -494,15 +495,6 @@ class Pretrainer:
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def _use_bf16(mode: str, device: torch.device) -> bool:
