@@ -18,6 +18,7 @@ DEFAULT_EVAL_ROOT = Path("checkpoints/evaluate")
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Split = Literal["train", "val", "test"]
 TTA = Literal["none", "flip", "dihedral"]
+Selection = Literal["unseen", "all"]
 RESUME_MAY_CHANGE = {"cache_dir"}  # where decoded images are cached does not change the run
 
 
@@ -52,6 +53,8 @@ def train_classifier(
         min=0.0, help="Per class: synthetic rows <= ratio x real training rows.")] = None,
     synthetic_weight: Annotated[Optional[float], typer.Option(min=0.0, help="Loss weight of a synthetic row.")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
+    selection: Annotated[Optional[Selection], typer.Option(
+        help="Val rows that select the model: unseen leaves out lesions synthetic images were made from.")] = None,
     tta: Annotated[Optional[TTA], typer.Option(
         help="Test-time augmentation of validation and later evaluations (dihedral: 8 views).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(
@@ -67,7 +70,7 @@ def train_classifier(
         "arch": arch, "pretrained": pretrained, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum,
         "img_size": img_size, "load_size": load_size, "lr": lr, "mixed_precision": mixed_precision,
         "max_synthetic_ratio": max_synthetic_ratio, "synthetic_weight": synthetic_weight, "seed": seed,
-        "tta": tta, "cache_dir": _absolute(cache_dir),
+        "selection": selection, "tta": tta, "cache_dir": _absolute(cache_dir),
     }
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
         raise typer.BadParameter(f"'{resume}' is neither 'latest' nor a checkpoint folder", param_hint="--resume")

@@ -112,6 +112,51 @@ def test_train_classifier_writes_the_model_folder(trained, toy_manifest):
     assert json.loads((trained / ".lesiongen.json").read_text())["complete"] is True
 
 
+def test_validation_lesions_that_synthetic_images_came_from_do_not_select_the_model(trained):
+    """The fixture trains on copies of 2 val images per class: those lesions leave the selection set, and the
+    recorded scores are the best model's balanced accuracy on the other val rows (and on all of them)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    info = json.loads((trained / "classifier.json").read_text())
+    synthetic = load_manifest(info["training"]["data"]["synthetic_manifests"][0]).df
+    predictions = pd.read_csv(trained / "eval-val" / "predictions.csv")
+    seen = predictions["group_id"].astype(str).isin(set(synthetic["group_id"].astype(str)))
+    assert len(synthetic) == 14 and 14 <= seen.sum() < len(predictions)  # a toy lesion has several images
+    selection = info["training"]["selection"]
+    assert selection == {"rule": "unseen", "rows": int((~seen).sum()), "excluded_rows": int(seen.sum()),
+                         "excluded_lesions": synthetic["group_id"].nunique(),
+                         "classes_without_rows": sorted(set(CLASSES) - set(predictions.loc[~seen, "label"]))}
+    unseen = predictions[~seen]
+    best = info["training"]["val_balanced_accuracy"]
+    assert best == pytest.approx(balanced_accuracy_score(unseen["label"], unseen["pred"]), abs=1e-9)
+    history = pd.read_csv(trained / "history.csv")
+    row = history[history["epoch"] == info["training"]["best_epoch"]].iloc[0]
+    assert row["val_balanced_accuracy"] == pytest.approx(best, abs=1e-9)
+    every = balanced_accuracy_score(predictions["label"], predictions["pred"])
+    assert row["val_all_balanced_accuracy"] == pytest.approx(every, abs=1e-9)
+
+
+def test_selection_all_and_the_fallback_when_every_val_lesion_was_used(toy_manifest, tmp_path):
+    from lesiongen.classifier.config import TrainConfig
+    from lesiongen.classifier.data import load_synthetic, selection_rows, training_table
+
+    real = load_manifest(toy_manifest)
+    val = real.split("val")
+    everything = make_synthetic_manifest(toy_manifest, tmp_path / "all", split="val", per_class=1000)
+    some = make_synthetic_manifest(toy_manifest, tmp_path / "some", split="val", per_class=1)
+    lesions = val.df.groupby("group_id")["image"].count()
+    used = load_manifest(some).df["group_id"].unique()
+    for path, rule, expected_rows in [(some, "all", len(val)), (some, "unseen", len(val) - lesions[used].sum()),
+                                      (everything, "unseen", len(val))]:
+        config = TrainConfig(manifest=toy_manifest, synthetic=[path], selection=rule)
+        table = training_table(real, load_synthetic([path], real), config)
+        chosen = selection_rows(val, table, rule)
+        assert chosen.summary["rows"] == chosen.mask.sum() == expected_rows
+    assert chosen.summary["rule"] == "all" and "not held out" in chosen.summary["note"]
+    with pytest.raises(ValueError, match="selection must be one of"):
+        TrainConfig(selection="val")
+
+
 def load_manifest_path(model_dir) -> str:
     return yaml.safe_load((model_dir / "config.yaml").read_text())["manifest"]
 

@@ -13,6 +13,7 @@ from lesiongen.data.manifest import SPLITS
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 TTA_MODES = ("none", "flip", "dihedral")
 EPOCH_LENGTHS = ("all", "real")
+SELECTION_RULES = ("unseen", "all")
 
 
 @dataclass
@@ -84,6 +85,9 @@ class TrainConfig:
     seed: int = 0
     # model selection, checkpoints
     early_stopping_patience: int | None = 10  # epochs without a better val balanced accuracy
+    # Which val rows select the model: `unseen` leaves out the lesions synthetic training images were made
+    # from (variants of mined val cases), whose score is no longer held out; `all` uses every val row.
+    selection: str = "unseen"
     checkpoint_every_steps: int | None = None  # besides the end of every epoch
     checkpoints_total_limit: int | None = 2
     eval_batch_size: int = 256
@@ -105,6 +109,8 @@ class TrainConfig:
         for name in ("sampler_balance", "loss_balance"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.selection not in SELECTION_RULES:
+            raise ValueError(f"selection must be one of {list(SELECTION_RULES)}, got {self.selection!r}")
         if self.epoch_length not in EPOCH_LENGTHS:
             raise ValueError(f"epoch_length must be one of {list(EPOCH_LENGTHS)}, got {self.epoch_length!r}")
         for name in ("img_size", "epochs", "batch_size", "grad_accum", "eval_batch_size"):

@@ -1,7 +1,8 @@
 """From manifests to what the trainer holds: decoded uint8 images, labels, loss weights, a sampler.
 
 - The real manifest's train split trains and its val split selects the model; evaluation uses real
-  (non-synthetic) rows only.
+  (non-synthetic) rows only. With `selection: unseen` (the default) a validation lesion that synthetic
+  training images were made from (mined hard cases and their variants) no longer selects the model.
 - Synthetic manifests must use the real manifest's classes. Per class, at most `max_synthetic_ratio`
   synthetic rows per real training row are kept (a seeded random subset), each with loss weight
   `synthetic_weight`. Rows of the splits in `synthetic_splits` are used; the others are counted and left out.
@@ -93,6 +94,38 @@ def training_table(real: Manifest, synthetic: list[Manifest], config: TrainConfi
         "synthetic_manifests": [str(m.path) for m in synthetic],
     }
     return TrainingTable(rows, list(real.classes), summary)
+
+
+@dataclass
+class SelectionRows:
+    """Which validation rows select the model (best epoch, early stopping), and why the others do not."""
+
+    mask: np.ndarray  # bool, one per real validation row
+    summary: dict  # saved in classifier.json under training.selection
+
+    @property
+    def is_all(self) -> bool:
+        return bool(self.mask.all())
+
+
+def selection_rows(val: Manifest, table: TrainingTable, rule: str) -> SelectionRows:
+    """With `unseen`, validation lesions that a synthetic training image was made from (a mined hard case's
+    variants keep its `group_id`) do not select the model: their score is no longer held out. Falls back to
+    every row, and says so, when no validation lesion is left."""
+    groups = val.df["group_id"].astype(str).to_numpy()
+    synthetic = table.rows[table.rows["synthetic"]]
+    seen = set(synthetic["group_id"].astype(str)) & set(groups) if rule == "unseen" else set()
+    mask = ~np.isin(groups, sorted(seen))
+    summary = {"rule": rule, "rows": int(mask.sum()), "excluded_rows": int((~mask).sum()),
+               "excluded_lesions": len(seen)}
+    if not mask.any():
+        mask[:] = True
+        summary.update(rule="all", rows=len(mask), note=(
+            f"every validation lesion is the source of a synthetic training image ({len(seen)} lesions); "
+            "the model is selected on all of them, so its validation score is not held out"))
+    labels = val.df["label"].to_numpy()
+    summary["classes_without_rows"] = sorted(set(val.classes) & set(labels) - set(labels[mask]))
+    return SelectionRows(mask, summary)
 
 
 def _rows(manifest: Manifest, *, synthetic: bool) -> pd.DataFrame:

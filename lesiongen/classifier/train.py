@@ -4,7 +4,8 @@ The images of the train and val splits are decoded once into uint8 tensors on th
 set of positions drawn by `EpochSampler`, gathered from that tensor and augmented on the device, so the
 data pipeline costs a few kernels per step. accelerate provides mixed precision, DDP, gradient
 accumulation and checkpoint state; the model is selected (and training stopped early) on validation
-balanced accuracy, computed from predictions gathered over all processes.
+balanced accuracy, computed from predictions gathered over all processes, over the validation lesions
+that no synthetic training image was made from (`selection: unseen`; `all` uses every row).
 
 Output folder: `config.yaml`, the best model (`model.safetensors` + `classifier.json`), `history.csv`,
 `checkpoint-N/` folders, and `eval-val/` (the best model's validation evaluation, as `lesiongen evaluate`
@@ -39,6 +40,7 @@ from lesiongen.classifier.data import (
     decode,
     load_synthetic,
     real_split,
+    selection_rows,
     training_sampler,
     training_table,
 )
@@ -164,6 +166,7 @@ class ClassifierTrainer:
         self.val_rows = real_split(manifest, "val")
         real_split(manifest, "train")
         table = training_table(manifest, load_synthetic(cfg.synthetic, manifest), cfg)
+        self.selection = selection_rows(self.val_rows, table, cfg.selection)
         check_arch(cfg.arch)  # every process fails fast, before the slow part below
         with acc.main_process_first():  # the first process converts weights and decodes; the others read caches
             model = create_classifier(cfg.arch, len(manifest.classes), cfg.pretrained, drop_rate=cfg.drop_rate,
@@ -174,6 +177,7 @@ class ClassifierTrainer:
                          cache_dir=cache / "images")
         self.train_data, self.val_data = train.to(acc.device), val.to(acc.device)
         self.info = self._describe(model, manifest.classes, table.summary)
+        self._announce_selection()
         self.spec = ClinicalSpec.default_for(manifest.classes)
         self.class_loss_weight = balance_weights(table.class_counts(), cfg.loss_balance).to(acc.device)
         self.augment = DeviceAugment(cfg.augment, cfg.img_size)
@@ -186,9 +190,20 @@ class ClassifierTrainer:
             arch=cfg.arch, classes=list(classes), img_size=cfg.img_size, mean=mean, std=std, load_size=cfg.load_size,
             color_constancy=cfg.color_constancy, tta=cfg.tta, num_features=model.num_features,
             pretrained=cfg.pretrained,
-            training={"data": data_summary, "num_processes": acc.num_processes,
+            training={"data": data_summary, "selection": self.selection.summary, "num_processes": acc.num_processes,
                       "effective_batch_size": cfg.batch_size * acc.num_processes * cfg.grad_accum,
                       "mixed_precision": acc.mixed_precision, "config": to_dict(cfg)})
+
+    def _announce_selection(self) -> None:
+        summary = self.selection.summary
+        if summary.get("note"):
+            self.accelerator.print(f"warning: {summary['note']}")
+        elif summary["excluded_lesions"]:
+            missing = summary["classes_without_rows"]
+            self.accelerator.print(
+                f"model selection on {summary['rows']} of {len(self.selection.mask)} validation images: "
+                f"{summary['excluded_lesions']} lesions that synthetic training images were made from are left out"
+                + (f" (no validation image of {', '.join(missing)} is left)" if missing else ""))
 
     def _prepare(self, model: torch.nn.Module, sampler) -> None:
         """Loaders, optimizer and one-cycle schedule, wrapped by accelerate (DDP, mixed precision)."""
@@ -267,14 +282,17 @@ class ClassifierTrainer:
                 buffer.div_(self.accelerator.num_processes)
 
     def validate(self) -> tuple[dict[str, float], Tensor]:
-        """The clinical panel and loss on the validation split, from predictions gathered over all processes."""
+        """The clinical panel and loss on the selection rows of the validation split (with the balanced
+        accuracy of every row beside it when they differ), from predictions gathered over all processes;
+        returns the probabilities of every validation row."""
         self.average_buffers()
         model = self.accelerator.unwrap_model(self.model)
         probs = predict_distributed(self.accelerator, model, self.info, self.val_data.images, loader=self.val_loader)
         model.train()
         labels = self.val_data.labels.cpu()
-        metrics = clinical_metrics(probs.double(), labels, self.spec)
-        metrics["loss"] = float(-probs[torch.arange(len(labels)), labels].clamp_min(1e-12).log().mean())
+        metrics = _panel(probs, labels, self.spec, torch.from_numpy(self.selection.mask))
+        if not self.selection.is_all:
+            metrics["all_balanced_accuracy"] = _panel(probs, labels, self.spec)["balanced_accuracy"]
         return metrics, probs
 
     # ------------------------------------------------------------------ loop
@@ -363,8 +381,10 @@ class ClassifierTrainer:
         row = {"epoch": state.epoch + 1, "step": state.global_step, "lr": self.scheduler.get_last_lr()[0],
                "train_loss": train_loss, **{f"val_{k}": v for k, v in metrics.items()}}
         state.history.append(row)
+        every_row = metrics.get("all_balanced_accuracy")
         acc.print(f"epoch {state.epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
-                  f"val balanced accuracy {score:.4f}{' (best)' if improved else ''}")
+                  f"val balanced accuracy {score:.4f}{' (best)' if improved else ''}"
+                  + (f" on unseen lesions, {every_row:.4f} on all" if every_row is not None else ""))
         if acc.is_main_process:
             with atomic_path(self.out_dir / HISTORY_FILE) as tmp:
                 pd.DataFrame(state.history).to_csv(tmp, index=False)
@@ -395,6 +415,14 @@ class ClassifierTrainer:
             # Validation selects the model; intervals belong to `lesiongen evaluate` on the test split.
             write_evaluation(evaluation, self.out_dir / EVAL_DIR, BootstrapSettings(n_resamples=0), overwrite=True)
         acc.wait_for_everyone()
+
+
+def _panel(probs: Tensor, labels: Tensor, spec: ClinicalSpec, rows: Tensor | None = None) -> dict[str, float]:
+    if rows is not None:
+        probs, labels = probs[rows], labels[rows]
+    metrics = clinical_metrics(probs.double(), labels, spec)
+    metrics["loss"] = float(-probs[torch.arange(len(labels)), labels].clamp_min(1e-12).log().mean())
+    return metrics
 
 
 def train_classifier(config: TrainConfig, out_dir: str | os.PathLike, *, resume: str | None = None,

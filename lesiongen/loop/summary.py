@@ -32,11 +32,14 @@ def model_result(layout: RunLayout, key: ModelKey) -> dict[str, Any]:
     val = _read_json(layout.evaluation(key, "val") / "metrics.json")
     info = _read_json(layout.model(key) / "classifier.json") or {}
     compare = _read_json(layout.comparison(key)) if key.arm != "real" else None
-    data = info.get("training", {}).get("data", {})
+    training = info.get("training", {})
+    data = training.get("data", {})
     quality = _read_json(layout.path(key.stage("quality")) / "quality.json")
     return {
         "arm": key.arm, "round": key.round, "seed": key.seed,
         "test": test, "val_metrics": (val or {}).get("metrics"),
+        # the score the model was selected on, over the validation lesions no synthetic image came from
+        "val_selection": {"balanced_accuracy": training.get("val_balanced_accuracy"), **training.get("selection", {})},
         "real_train": data.get("real"), "synthetic_used": data.get("synthetic_used"),
         "compare_to_real": compare, "quality": quality,
         "files": {

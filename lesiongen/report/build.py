@@ -93,7 +93,12 @@ def _overview(summary: dict, config: LoopConfig, gaps: dict[str, dict[str, tuple
         f"Diffusion base: {base}; adaptation: {config.finetune.method}, "
         f"{config.finetune.steps} steps at {config.finetune.resolution or 'native'} px.",
         f"Classifier: {config.classifier.arch} ({config.classifier.pretrained} init), {config.classifier.img_size} px, "
-        f"{config.classifier.epochs} epochs, chosen on validation balanced accuracy.",
+        f"{config.classifier.epochs} epochs, chosen on validation balanced accuracy"
+        + (" over the validation lesions that none of its synthetic training images were made from "
+           "(`selection: unseen`)." if config.classifier.selection == "unseen" else
+           " over every validation row, including the lesions its synthetic training images were made from "
+           "(`selection: all`): the arms that train on variants of mined validation cases are selected on "
+           "optimistic scores."),
         f"{summary['rounds']} round(s), seeds {summary['seeds']}; hard cases mined on the "
         f"{summary['mining_split']} split; the test split was used only for the numbers below.",
         steps_line
@@ -128,11 +133,22 @@ def _curves(results: tables.Results) -> list:
                           f"Test {title} per round (band: 95 % CI with one seed, ± 1 sd over seeds)."))
     val_series: dict[str, list[tuple[int, float, float, float]]] = {}
     for arm, r, models in results.groups():
-        values = np.array([(m.get("val_metrics") or {}).get("balanced_accuracy", np.nan) for m in models], dtype=float)
+        values = np.array([_selection_score(m) for m in models], dtype=float)
         val_series.setdefault(arm, []).append((r, *_band(values, None)))
     out.append(Figure("curve-val-balanced-accuracy", figures.round_curves(val_series, "validation balanced accuracy"),
-                      "Validation (mining split) balanced accuracy of each round's selected model."))
+                      "Validation balanced accuracy each round's model was selected on (its best epoch), over the "
+                      "validation lesions that none of its synthetic training images came from: variants of mined "
+                      "validation cases make those cases' own scores optimistic. Selected on, so not held out; "
+                      "the test curves above are."))
     return out
+
+
+def _selection_score(model: dict) -> float:
+    """Runs made before the selection rule recorded their score on every validation row."""
+    score = (model.get("val_selection") or {}).get("balanced_accuracy")
+    if score is None:
+        score = (model.get("val_metrics") or {}).get("balanced_accuracy")
+    return np.nan if score is None else float(score)
 
 
 def _band(values: np.ndarray, ci) -> tuple[float, float, float]:
