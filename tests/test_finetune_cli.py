@@ -133,15 +133,37 @@ def test_a_resolution_the_vae_cannot_take_is_refused(tiny_pipeline_dir, toy_mani
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_pipeline_dir, toy_manifest,
                                                                                tmp_path):
+    """Resumed at --lr 1e30 (a resumed run takes the new rate), step 3's update blows the weights up and step
+    4's loss is NaN: checkpoint-3 already holds the bad weights, so checkpoint-2 is the good one; resuming from
+    it at a sane rate finishes."""
+    out = tmp_path / "diverged"
+    common = ["--base", tiny_pipeline_dir, "--manifest", toy_manifest, "--out", out, "--method", "lora",
+              "--batch-size", "2", "--checkpoint-every", "1", "--log-every", "1", "--validate-every", "0"]
+    assert finetune(*common, "--lr", "1e-4", "--steps", "2").exit_code == 0
+    result = finetune(*common, "--lr", "1e30", "--steps", "6", "--resume", "latest")
+    assert result.exit_code == 2, result.output
+    assert "training diverged: the loss became nan at step 4" in result.output
+    assert "checkpoint-2 in" in result.output and "is the last good checkpoint" in result.output
+    assert "Lower --lr" in result.output
+    assert (out / "checkpoint-3.diverged" / "trainable.safetensors").is_file() and not (out / "checkpoint-3").exists()
+    good = load_file(str(out / "checkpoint-2" / "trainable.safetensors"))
+    assert all(t.abs().max() < 1e3 for t in good.values())  # the diverged update made them ~1e30
+    result = finetune(*common, "--lr", "1e-4", "--steps", "6", "--resume", "latest")
+    assert result.exit_code == 0, result.output
+    log = json.loads((out / "train_log.json").read_text())
+    assert [e["step"] for e in log][-4:] == [3, 4, 5, 6] and max(e["lr"] for e in log if e["step"] > 2) <= 1e-4
+
+
+def test_a_run_diverging_before_its_first_good_checkpoint_says_to_start_again(tiny_pipeline_dir, toy_manifest,
+                                                                              tmp_path):
     out = tmp_path / "diverged"
     result = finetune("--base", tiny_pipeline_dir, "--manifest", toy_manifest, "--out", out, "--method", "lora",
                       "--lr", "1e30", "--steps", "4", "--batch-size", "2", "--checkpoint-every", "1",
                       "--log-every", "1", "--validate-every", "0")
     assert result.exit_code == 2, result.output
     assert "training diverged: the loss became nan at step 2" in result.output
-    assert "checkpoint-1" in result.output and "Lower --lr" in result.output
-    assert (out / "checkpoint-1" / "trainable.safetensors").is_file()
-    assert not (out / "checkpoint-2").exists() and not (out / "adapter.json").exists()
+    assert "no checkpoint from before the divergence is left: start again with a lower --lr" in result.output
+    assert not out.exists()  # nothing good to resume: the failed start leaves no folder to block the rerun
 
 
 def test_bad_flag_values_are_rejected_before_any_work(tmp_path):

@@ -5,12 +5,13 @@ Per optimizer step: `grad_accum` micro-batches, each drawn class-balanced from g
 when nothing on the text side trains; min-SNR-weighted MSE; then the frozen token rows are restored and
 the EMA updated. Losses stay on the device and are checked for NaN / inf every `log_every` steps and
 before every checkpoint (one synchronisation instead of one per step), so a diverged run stops with
-its last good checkpoint intact.
+its last good checkpoint intact (the one that already holds the diverged weights is set aside).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,9 +215,21 @@ class Trainer:
             logger.info("no checkpoint in %s yet: starting from step 0", self.out_dir)
             return
         self.accelerator.load_state(str(checkpoint))
+        self._apply_learning_rates()
         self.state = TrainerState(**checkpoints.read_state(checkpoint))
         self.resumed_from = self.state.step
         logger.info("resumed from %s (step %d)", checkpoint, self.state.step)
+
+    def _apply_learning_rates(self) -> None:
+        """A resumed run trains at the configured peak rates (a lower --lr after a divergence, say), not the
+        ones the checkpoint's optimizer and schedule were saved with; the schedule keeps its position."""
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate wraps it
+        peaks = [group["lr"] for group in self.models.parameter_groups]
+        factors = [fn(scheduler.last_epoch) for fn in scheduler.lr_lambdas]
+        scheduler.base_lrs = list(peaks)
+        for group, peak, factor in zip(self.optimizer.param_groups, peaks, factors, strict=True):
+            group["initial_lr"], group["lr"] = peak, peak * factor
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     # ------------------------------------------------------------------------------------------ steps
     def text_states(self, captions: list[str]) -> torch.Tensor:
@@ -301,10 +314,13 @@ class Trainer:
         self._pending.clear()
         bad = (~torch.isfinite(values)).nonzero()
         if len(bad):
-            where = (f"checkpoint-{last_checkpoint} in {self.out_dir} is the last good checkpoint; resume from it "
-                     "with --resume latest" if last_checkpoint is not None else "no checkpoint was saved before it")
+            step = steps[bad[0, 0]]
+            good = self._set_aside_diverged_checkpoints(step)
+            where = (f"{good.name} in {self.out_dir} is the last good checkpoint; resume from it with --resume "
+                     "latest and a lower --lr" if good is not None else
+                     "no checkpoint from before the divergence is left: start again with a lower --lr")
             raise TrainingDivergedError(
-                f"training diverged: the loss became {values[bad[0, 0]].item()} at step {steps[bad[0, 0]]}; {where}. "
+                f"training diverged: the loss became {values[bad[0, 0]].item()} at step {step}; {where}. "
                 f"Lower --lr (now {self.config.lr}), keep max_grad_norm set, or use bf16 instead of fp16")
         entry = {"step": steps[-1], "loss": values.mean().item(), "lr": self.lr_scheduler.get_last_lr()[0]}
         if images_per_second is not None:
@@ -312,6 +328,20 @@ class Trainer:
         self.state.losses.append(entry)
         if self.config.tensorboard:
             self.accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
+
+    def _set_aside_diverged_checkpoints(self, bad_step: int) -> Path | None:
+        """The loss of step k is computed with the weights after k - 1 updates, so when it is the first bad one,
+        checkpoint-(k-1) already holds the diverged weights: it is renamed `checkpoint-N.diverged` (kept for a
+        look, skipped by --resume latest). Returns the newest checkpoint left."""
+        if self.accelerator.is_main_process:
+            for checkpoint in checkpoints.list_checkpoints(self.out_dir):
+                if checkpoints.checkpoint_step(checkpoint) >= bad_step - 1:
+                    aside = checkpoint.with_name(checkpoint.name + ".diverged")
+                    shutil.rmtree(aside, ignore_errors=True)
+                    checkpoint.rename(aside)
+        # no barrier: another process may see its own bad loss a flush later
+        left = [c for c in checkpoints.list_checkpoints(self.out_dir) if checkpoints.checkpoint_step(c) < bad_step - 1]
+        return left[-1] if left else None
 
     # ------------------------------------------------------------------------------------- validation
     def validate(self) -> Path | None:
