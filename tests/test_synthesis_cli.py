@@ -249,3 +249,23 @@ def test_feature_cache_is_recorded_and_part_of_the_recipe(made, toy_manifest, ti
     (plain / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     cli(*plain_args)
     assert "feature_cache" in yaml.safe_load((plain / "config.yaml").read_text())
+
+
+def test_a_resume_with_other_files_under_the_same_paths_is_refused(made, toy_manifest, tiny_pipeline_dir, tmp_path):
+    """A retrained classifier, adapter or new predictions written over the old ones would mix two models'
+    variants in one manifest: the run records its inputs' hashes and refuses to resume over changed files."""
+    evaluation = tmp_path / "eval-val"
+    shutil.copytree(made / "eval-val", evaluation)
+    out = tmp_path / "run"
+    args = ["mine-and-generate", "--predictions", evaluation / "predictions.csv", "--manifest", toy_manifest,
+            "--base", tiny_pipeline_dir, "--out", out, "--max-cases", "1", "--no-memorization-filter", *QUICK]
+    cli(*args)
+    inputs = json.loads((out / "inputs.json").read_text())
+    assert set(inputs) == {"base", "adapter", "classifier", "reference_classifier", "predictions", "manifest"}
+    assert len(inputs["predictions"]) == 64 and inputs["adapter"] is None
+    cli(*args)  # the same files: resumes (nothing left to do)
+    predictions = pd.read_csv(evaluation / "predictions.csv")
+    predictions.to_csv(evaluation / "predictions.csv", index=False, float_format="%.4f")  # same rows, new content
+    refused = cli(*args, expect=2)
+    assert "made from other files under the same paths (predictions: content changed" in refused.output
+    assert json.loads((out / "inputs.json").read_text()) == inputs  # the refused call changed nothing

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Settings that change how fast a run goes, not what it makes: a resumed run may change them.
 EXECUTION_KEYS = ("out", "batch_size", "compile", "cache_dir", "progress")
+INPUTS_FILE = "inputs.json"  # content hashes of the run's input files, checked on resume
 
 
 @dataclass
@@ -265,11 +267,27 @@ def mine(config: SynthesisConfig):
     return manifest, result
 
 
-def prepare_output(out: Path, resolved: dict, overwrite: bool) -> OutputFolder:
-    """Start, resume (same config) or refuse (another config, or a folder this command did not make)."""
-    from lesiongen.utils.atomic import write_text
+def input_hashes(config: SynthesisConfig, identity: tuple[str, str | None]) -> dict[str, str | None]:
+    """Content hashes of everything a run's images and filters depend on besides its settings: a resumed run
+    must find the same files under its paths (a retrained adapter or classifier in the same folder would
+    otherwise mix two models' outputs in one manifest)."""
+    from lesiongen.utils.hashing import sha256_file, sha256_files
 
-    config_file = out / "config.yaml"
+    def classifier(path: str | None) -> str | None:
+        return sha256_files([Path(path) / "model.safetensors", Path(path) / "classifier.json"]) if path else None
+
+    base_hash, adapter_digest = identity
+    return {"base": base_hash, "adapter": adapter_digest, "classifier": classifier(config.classifier),
+            "reference_classifier": classifier(config.reference_classifier),
+            "predictions": sha256_file(config.predictions), "manifest": sha256_file(config.manifest)}
+
+
+def prepare_output(out: Path, resolved: dict, overwrite: bool, inputs: dict[str, str | None]) -> OutputFolder:
+    """Start, resume (same config and input files) or refuse (another config or other input files, or a folder
+    this command did not make)."""
+    from lesiongen.utils.atomic import write_json, write_text
+
+    config_file, inputs_file = out / "config.yaml", out / INPUTS_FILE
     folder = OutputFolder(out, "mine-and-generate")
     if folder.existing and not overwrite:
         if not config_file.is_file():
@@ -285,8 +303,17 @@ def prepare_output(out: Path, resolved: dict, overwrite: bool) -> OutputFolder:
             if changed:
                 raise OutputExistsError(f"{out} holds a run with other settings ({', '.join(changed)} differ); "
                                         "pass --overwrite to replace it or choose another --out")
+            # runs made before inputs.json existed resume unchecked
+            before = json.loads(inputs_file.read_text(encoding="utf-8")) if inputs_file.is_file() else inputs
+            replaced = sorted(k for k in inputs if before.get(k) != inputs[k])
+            if replaced:
+                raise OutputExistsError(
+                    f"{out} holds a run made from other files under the same paths ({', '.join(replaced)}: "
+                    f"content changed since it started, see {INPUTS_FILE}); resuming would mix their outputs. "
+                    "Pass --overwrite to start again, or choose another --out")
     folder.start(replace=overwrite)
     write_text(config_file, yaml.safe_dump(resolved, sort_keys=False))
+    write_json(inputs_file, inputs)
     return folder
 
 
@@ -303,7 +330,7 @@ def run_mine_and_generate(config: SynthesisConfig, *, overwrite: bool = False) -
     out = Path(config.out)
     folder = None
     if state.is_main_process:
-        folder = prepare_output(out, config.resolved(), overwrite)
+        folder = prepare_output(out, config.resolved(), overwrite, input_hashes(config, identity))
     # A run this call started that fails before its first finished source leaves no folder behind.
     with (folder.removed_on_failure(lambda path: bool(outputs.finished_sources(path)))
           if folder is not None else contextlib.nullcontext()):
@@ -312,8 +339,6 @@ def run_mine_and_generate(config: SynthesisConfig, *, overwrite: bool = False) -
 
 def _run(config: SynthesisConfig, state, manifest, mined: MiningResult, identity, out: Path, started: float,
          folder: OutputFolder | None) -> dict:
-    import json
-
     from lesiongen.synthesis import outputs
     from lesiongen.utils.atomic import atomic_path
 
