@@ -46,7 +46,10 @@ def test_seeds_count_and_canonical_arm_order():
     ({"synthesis": {"out": "x"}}, "synthesis.out is set by the loop"),
     ({"rare_classes": {"xyz": 5}}, "rare_classes names unknown class(es) ['xyz']"),
     ({"arms": ["real", "random"]}, "arms must include 'real' and 'mined'"),
-    ({"mining": {"split": "test"}}, "--allow-test-mining"),
+    ({"mining": {"split": "test"}}, "--set mining.allow_test_mining=true"),
+    ({"mining": {"split": "test", "allow_test_mining": True}},
+     "leaves rows of that split out of training: the variants of its hard cases keep their source's split, so the "
+     "mined and classical arms would add no image; add it (--set classifier.synthetic_splits=[train,val,test])"),
     ({"base": {"path": "/x", "pretrain": {}}}, "exactly one of path"),
     ({"data": {"toy": None, "source": None}}, "exactly one of toy / source / manifest"),
     ({"generate": {"oversample": 2.0, "max_oversample": 1.5}}, "max_oversample must be >= generate.oversample"),
@@ -86,7 +89,8 @@ def test_plan_orders_rounds_then_test_and_never_mines_test(tmp_path):
 
 
 def test_test_mining_is_allowed_only_behind_the_flag_and_evaluates_per_round(tmp_path):
-    config = load_loop_config(None, {"mining": {"split": "test", "allow_test_mining": True}})
+    config = load_loop_config(None, {"mining": {"split": "test", "allow_test_mining": True},
+                                     "classifier": {"synthetic_splits": ["train", "val", "test"]}})
     assert config.leakage and "LEAKAGE" in config.mining.leakage_warning
     names = [stage.name for stage in build_plan(config, RunLayout(tmp_path))]
     assert names.index("seed-0/round-0/real/eval-test") < names.index("seed-0/round-1/mined/mine")

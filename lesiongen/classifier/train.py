@@ -195,6 +195,10 @@ class ClassifierTrainer:
                       "mixed_precision": acc.mixed_precision, "config": to_dict(cfg)})
 
     def _announce_selection(self) -> None:
+        left_out = self.info.training["data"]["synthetic_outside_splits"]
+        if left_out:
+            self.accelerator.print(f"warning: {left_out} synthetic rows belong to splits outside synthetic_splits "
+                                   f"{self.config.synthetic_splits} and do not train (their sources' split)")
         summary = self.selection.summary
         if summary.get("note"):
             self.accelerator.print(f"warning: {summary['note']}")

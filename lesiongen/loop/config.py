@@ -17,6 +17,7 @@ import yaml
 
 from lesiongen.classifier.config import TrainConfig
 from lesiongen.config import from_dict, load_yaml, merge, to_dict
+from lesiongen.data.manifest import SPLITS
 from lesiongen.diffusion.finetune.config import FinetuneConfig
 from lesiongen.diffusion.pretrain.config import PretrainConfig
 from lesiongen.errors import InputError
@@ -217,6 +218,13 @@ class LoopConfig:
             if not isinstance(count, int) or count < 1:
                 raise ValueError(f"rare_classes.{key} must be a positive integer, got {count!r}")
         self.synthesis = library_section(SynthesisConfig, self.synthesis or {}, SYNTHESIS_INPUTS, "synthesis")
+        if self.mining.split not in self.classifier.synthetic_splits:  # variants keep their source's split
+            wanted = [s for s in SPLITS if s in {*self.classifier.synthetic_splits, self.mining.split}]
+            raise ValueError(
+                f"mining.split is {self.mining.split!r}, but classifier.synthetic_splits "
+                f"{self.classifier.synthetic_splits} leaves rows of that split out of training: the variants of its "
+                "hard cases keep their source's split, so the mined and classical arms would add no image; add it "
+                f"(--set classifier.synthetic_splits=[{','.join(wanted)}])")
 
     @property
     def leakage(self) -> bool:

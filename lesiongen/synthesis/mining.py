@@ -35,7 +35,7 @@ PREDICTION_COLUMNS: tuple[str, ...] = ("image", "label", "split", "group_id", "p
 DEFAULT_CONFUSION_WEIGHTS: dict[str, float] = {"mel<->nv": 2.0, "bkl<->mel": 1.5}
 
 LEAKAGE_WARNING = (
-    "LEAKAGE: hard cases were mined from the TEST split (--allow-test-mining). Synthetic images derived "
+    "LEAKAGE: hard cases were mined from the TEST split (allow_test_mining). Synthetic images derived "
     "from test images make any test-set metric of a classifier trained on them optimistic; report them "
     "only as the seed protocol's numbers, never as a held-out result."
 )
@@ -63,8 +63,9 @@ class MiningConfig:
         if self.split not in SPLITS:
             raise ValueError(f"mining split '{self.split}' is not one of {list(SPLITS)}")
         if self.split == "test" and not self.allow_test_mining:
-            raise ValueError("mining the test split leaks test images into training; pass "
-                             "--allow-test-mining to do it anyway (every output then carries a leakage warning)")
+            raise ValueError("mining the test split leaks test images into training; pass --allow-test-mining "
+                             "(in a loop config: mining.allow_test_mining: true, or --set mining.allow_test_mining"
+                             "=true) to do it anyway (every output then carries a leakage warning)")
         if not 0.0 <= self.margin_threshold <= 1.0:
             raise ValueError(f"margin_threshold must be in [0, 1], got {self.margin_threshold}")
         if self.loss_quantile is not None and not 0.0 < self.loss_quantile < 1.0:
