@@ -218,6 +218,11 @@ def test_time_budget_plans_each_stage_once_and_a_resume_keeps_the_plan(toy_manif
     assert 1 <= provenance["steps"]["unet"] < 100_000
     assert f"finished at step {vae_steps + provenance['steps']['unet']}" in result.output
     assert 0 < provenance["training_minutes"]
+    # both stages are planned now: another budget or step count could not take effect, so it is refused
+    resumed = runner.invoke(app, [*args, "--time-budget", "0.5", "--resume", "latest"])
+    assert resumed.exit_code == 2, resumed.output
+    assert "already fitted its steps to the time budget" in resumed.output
+    assert "time_budget_minutes: 0.2 -> 0.5 would not take effect" in " ".join(resumed.output.split())
     with pytest.raises(ValueError, match="time_budget_minutes must be > 0"):
         PretrainConfig(time_budget_minutes=0)
 

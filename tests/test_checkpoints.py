@@ -44,3 +44,26 @@ def test_accelerate_checkpoint_is_renamed_into_place_only_when_complete(tmp_path
     assert (folder / "extra.txt").read_text() == "best"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial folders left
     assert model is not None
+
+
+def test_weights_written_into_our_folders_are_readable_as_the_umask_allows(tmp_path):
+    """safetensors 0.8 writes 0600 files; a base or checkpoint another user (or container) cannot read is
+    useless, so folder writers give every file the umask's read bits."""
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lesiongen.utils.atomic import atomic_dir
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "weights") as tmp:
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+            (tmp / "nested").mkdir()
+            save_file({"w": torch.zeros(2)}, str(tmp / "nested" / "shard.safetensors"))
+        for path in ("model.safetensors", "nested/shard.safetensors"):
+            assert stat.S_IMODE(os.stat(tmp_path / "weights" / path).st_mode) == 0o644
+    finally:
+        os.umask(umask)

@@ -46,6 +46,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
+        readable_by_umask(tmp)
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -62,6 +63,18 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+def readable_by_umask(folder: str | os.PathLike) -> None:
+    """Give every file below `folder` the read bits the umask allows: safetensors (0.8) writes its files
+    0600, so weights saved by libraries into our folders would not load for another user or container."""
+    bits = 0o444 & ~_umask()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            file = os.path.join(root, name)
+            mode = os.stat(file).st_mode
+            if mode & bits != bits:
+                os.chmod(file, mode | bits)
 
 
 def _umask() -> int:

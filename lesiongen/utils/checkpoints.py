@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lesiongen.errors import InputError
-from lesiongen.utils.atomic import write_json
+from lesiongen.utils.atomic import readable_by_umask, write_json
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -90,6 +90,7 @@ def save_accelerate_checkpoint(accelerator, folder: str | os.PathLike, step: int
     if accelerator.is_main_process:
         if add_files is not None:
             add_files(partial)
+        readable_by_umask(partial)
         write_json(partial / STATE_FILE, state)  # last: its presence marks the folder complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)

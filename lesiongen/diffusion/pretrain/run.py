@@ -17,7 +17,7 @@ from lesiongen.diffusion.pretrain import checkpoints as ckpt
 from lesiongen.diffusion.pretrain.config import PretrainConfig
 from lesiongen.diffusion.pretrain.trainer import CONFIG_FILE, Pretrainer, PretrainResult
 from lesiongen.errors import InputError, OutputExistsError
-from lesiongen.utils.atomic import write_json
+from lesiongen.utils.atomic import readable_by_umask, write_json
 from lesiongen.utils.device import resolve_device
 from lesiongen.utils.outdir import OutputFolder
 
@@ -40,6 +40,7 @@ def write_pipeline_into(pipe, out: Path, provenance: dict) -> None:
     staging = out / ".pipeline.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(str(staging), safe_serialization=True)
+    readable_by_umask(staging)
     for component in sorted(p for p in staging.iterdir() if p.is_dir()):
         target = out / component.name
         shutil.rmtree(target, ignore_errors=True)
@@ -103,7 +104,7 @@ def _prepare_out(out: Path, config: PretrainConfig, resume: str | None,
     if checkpoint is not None:
         saved = out / CONFIG_FILE
         if saved.is_file():
-            check_resumable(saved, config)
+            check_resumable(saved, config, ckpt.TrainerState.read(checkpoint).planned_steps)
         folder = OutputFolder(out, "pretrain")
         folder.start()  # unfinished (again) until the run completes
         return checkpoint, folder
@@ -116,7 +117,11 @@ def _prepare_out(out: Path, config: PretrainConfig, resume: str | None,
     return None, folder
 
 
-def check_resumable(saved_config: Path, config: PretrainConfig) -> None:
+def check_resumable(saved_config: Path, config: PretrainConfig, planned: dict[str, int] | None = None) -> None:
+    """Refuse changes that would make the checkpoint mean something else, and changes that could no longer take
+    effect: a stage whose step count was fitted to the time budget keeps that plan (its schedule was built
+    for it), so its `steps` are fixed from then on, the VAE's share once the VAE is planned, and the budget
+    once both stages are (a new budget still plans a stage that is not planned yet)."""
     from lesiongen.config import from_dict, load_yaml, to_dict
 
     before = _flatten(to_dict(from_dict(PretrainConfig, load_yaml(saved_config), where=str(saved_config))))
@@ -126,6 +131,17 @@ def check_resumable(saved_config: Path, config: PretrainConfig) -> None:
         details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
         raise InputError(f"--resume: the run in {saved_config.parent} was started with another config ({details}); "
                          "only step counts and progress settings may change when resuming")
+    planned = planned or {}
+    fixed = {f"{stage}.steps" for stage in planned}
+    fixed |= {"vae_budget_share"} if "vae" in planned else set()
+    fixed |= {"time_budget_minutes"} if {"vae", "unet"} <= set(planned) else set()
+    moot = {k: (before.get(k), after[k]) for k in sorted(fixed) if before.get(k) != after.get(k)}
+    if moot:
+        details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in moot.items())
+        plans = ", ".join(f"{stage} {steps} steps" for stage, steps in sorted(planned.items()))
+        raise InputError(f"--resume: the run in {saved_config.parent} already fitted its steps to the time budget "
+                         f"({plans}), which a resumed run keeps; {details} would not take effect. Resume without "
+                         "changing them, or start a new --out with the new budget")
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
