@@ -108,6 +108,12 @@ def finetune(
     overrides["out"] = str(out or Path("checkpoints") / f"finetune-{method or 'lora+ti'}")
     settings = resolve_config(overrides, config_file=str(config) if config else None, resume=resume,
                               flag_names=FINETUNE_FLAGS)
+    if not settings.trains_lora:  # a flag that changes nothing would still be recorded in config.yaml
+        given = [flag for flag, value in (("--rank", rank), ("--alpha", alpha), ("--lora-dropout", lora_dropout),
+                                          ("--text-encoder-lora", text_encoder_lora)) if value is not None]
+        if given:
+            raise typer.BadParameter(f"{', '.join(given)}: --method {settings.method} trains no LoRA; use --method "
+                                     "lora or lora+ti, or leave them out", param_hint=given[0])
     folder = run_finetune(settings, resume=resume, overwrite=overwrite)
     typer.echo(f"wrote adapter {folder} ({settings.method}, {settings.steps} steps)")
 

@@ -153,6 +153,15 @@ def test_export_rejects_files_that_are_neither_lora_nor_embedding(tmp_path):
     assert result.exit_code == 2 and "webui" in result.output
 
 
+def test_export_of_embeddings_alone_to_kohya_says_where_they_go(finetuned_adapter_dir, tmp_path):
+    out = tmp_path / "kohya"
+    result = runner.invoke(app, ["export", str(finetuned_adapter_dir / "embeddings"), "--to", "kohya",
+                                 "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "holds no LoRA to convert to kohya (found 7 embedding file(s)" in " ".join(result.output.split())
+    assert not out.exists()
+
+
 def test_export_names_a_file_that_is_not_safetensors(tmp_path):
     fake = tmp_path / "fake.safetensors"
     fake.write_bytes(b"\xff" * 64)  # an 8-byte header length far beyond the file

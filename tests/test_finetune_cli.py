@@ -171,6 +171,23 @@ def test_bad_flag_values_are_rejected_before_any_work(tmp_path):
     assert result.exit_code == 2 and "dreambooth" in result.output
 
 
+def test_flags_that_would_change_nothing_are_refused(tiny_pipeline_dir, toy_manifest, tmp_path):
+    import importlib.util
+
+    out = tmp_path / "x"
+    common = ["--base", tiny_pipeline_dir, "--manifest", toy_manifest, "--out", out, "--steps", "1"]
+    result = finetune(*common, "--method", "ti", "--rank", "64", "--text-encoder-lora")
+    assert result.exit_code == 2
+    assert "--rank, --text-encoder-lora: --method ti trains no LoRA" in " ".join(result.output.split())
+    if not torch.cuda.is_available():
+        result = finetune(*common, "--mixed-precision", "fp16")
+        assert result.exit_code == 2 and "--mixed-precision fp16 needs a CUDA GPU" in result.output
+    if importlib.util.find_spec("tensorboard") is None:
+        result = finetune(*common, "--tensorboard")
+        assert result.exit_code == 2 and "--tensorboard needs the tensorboard package" in result.output
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("method, options", [
     ("ti", ["--grad-accum", "2", "--gradient-checkpointing", "--no-cache-latents", "--resolution", "24"]),
     ("full", ["--ema", "--noise-offset", "0.05", "--checkpoint-limit", "1"]),

@@ -109,6 +109,17 @@ def test_a_class_not_in_the_prompt_file_is_refused(finetuned_adapter_dir, tmp_pa
     assert result.exit_code == 2 and "class 'scc' is not in the prompt file" in result.output
 
 
+def test_an_adapter_trained_on_another_base_is_refused(finetuned_adapter_dir, tmp_path):
+    from lesiongen.diffusion.build import build_pipeline
+
+    other_base = tmp_path / "other-base"
+    build_pipeline("tiny", seed=1).save_pretrained(other_base, safe_serialization=True)
+    result = generate("--adapter", finetuned_adapter_dir, "--base", other_base, "--class", "df", "--n", "1",
+                      "--out", tmp_path / "x")
+    assert result.exit_code == 2
+    assert "was trained on another base" in " ".join(result.output.split()) and not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow, id="compiled")])
 def test_fast_renderer_matches_the_plain_pipeline(finetuned_adapter_dir, tiny_pipeline_dir, compile):
     """Folded LoRA, fused QKV, cached prompt states and `torch.compile` (a minute of CPU compiling, so

@@ -157,6 +157,8 @@ def test_bad_prediction_files(val_predictions, toy_manifest, tmp_path):
     shutil.copy(path, alone)
     with pytest.raises(InputError, match="predictions.meta.json beside it"):
         mine(alone, toy_manifest)
+    with pytest.raises(InputError, match="no such predictions file"):
+        mine(tmp_path / "missing" / "predictions.csv", toy_manifest)
 
 
 def _edited(path, tmp_path, name, edit):

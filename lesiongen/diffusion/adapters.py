@@ -193,6 +193,18 @@ def adapter_hash(folder: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def check_adapter_base(base: str, adapter: str | os.PathLike) -> tuple[str, str]:
+    """(base hash, adapter hash); an adapter trained on another base is refused, not silently applied (its
+    images would be recorded under a base it never learned on)."""
+    info = AdapterInfo.load(adapter)
+    base_hash = pipeline_hash(base)
+    if info.base_hash != base_hash:
+        raise InputError(f"--adapter {adapter} was trained on another base: its adapter.json names {info.base} "
+                         f"(sha256 {info.base_hash[:12]}...), but --base {base} has sha256 {base_hash[:12]}...; "
+                         "pass the base it was fine-tuned from (or leave --base out: the adapter names it)")
+    return base_hash, adapter_hash(adapter)
+
+
 def apply_adapter(pipe, folder: str | os.PathLike, *, allow_pickle: bool = False):
     """Load an adapter folder's LoRA and learned tokens into `pipe` (in place) and return it."""
     folder = Path(folder)

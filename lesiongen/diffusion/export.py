@@ -106,6 +106,9 @@ def export(source: str | os.PathLike, to: str, out: str | os.PathLike | None = N
     written: list[Path] = []
     loras = [f for f in files if f.kind.startswith("lora")]
     embedding_files = [f.path for f in files if f.kind == "embedding"]
+    if to == "kohya" and not loras:  # kohya files are LoRAs: embeddings have their own targets
+        raise InputError(f"{source} holds no LoRA to convert to kohya (found {len(embedding_files)} embedding "
+                         "file(s), which convert with --to a1111 or --to diffusers)")
     if token is not None and len(embedding_files) > 1:
         raise InputError(f"--token {token} names one embedding, but {source} holds {len(embedding_files)}; "
                          "their file names give each its token")

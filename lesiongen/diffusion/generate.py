@@ -375,7 +375,7 @@ def load_generator(*, base: str | None, adapter: str | os.PathLike | None, steps
                    batch_size: int = 8, resolution: int | None = None, prompts: str | None = None,
                    compile: bool = False, fuse: bool = True, allow_pickle: bool = False) -> LoadedGenerator:
     """Load base (+ adapter) on this process's device with the generation settings validated first."""
-    from lesiongen.diffusion.adapters import adapter_hash, load_adapted_pipeline
+    from lesiongen.diffusion.adapters import check_adapter_base, load_adapted_pipeline
     from lesiongen.diffusion.fingerprint import pipeline_hash
     from lesiongen.diffusion.info import native_resolution
     from lesiongen.diffusion.resolution import check_resolution
@@ -391,6 +391,7 @@ def load_generator(*, base: str | None, adapter: str | os.PathLike | None, steps
                                       negative_prompt=negative, compile=compile, fuse=fuse)
     except ValueError as err:
         raise InputError(str(err)) from err
+    base_hash, adapter_digest = check_adapter_base(base, adapter) if adapter else (pipeline_hash(base), None)
     processes = process_state()  # one process, or one per GPU under `accelerate launch`
     dtype = inference_dtype(processes.device)
     pipe = load_adapted_pipeline(base, adapter, allow_pickle=allow_pickle, torch_dtype=dtype)
@@ -401,9 +402,8 @@ def load_generator(*, base: str | None, adapter: str | os.PathLike | None, steps
     settings.resolution = check_resolution(pipe, resolution, where=str(base))
     set_scheduler(pipe, scheduler)
     optimize_for_inference(pipe, fuse=fuse, compile=compile)
-    record = GenerationRecord(settings=asdict(settings), base=str(base), base_hash=pipeline_hash(base),
-                              adapter=str(adapter) if adapter else None,
-                              adapter_hash=adapter_hash(adapter) if adapter else None,
+    record = GenerationRecord(settings=asdict(settings), base=str(base), base_hash=base_hash,
+                              adapter=str(adapter) if adapter else None, adapter_hash=adapter_digest,
                               prompt_file=prompt_set.source, classes=prompt_set.class_names)
     return LoadedGenerator(Renderer(pipe, settings, negative, settings.resolution), record, prompt_set, processes)
 

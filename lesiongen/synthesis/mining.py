@@ -138,6 +138,9 @@ def load_predictions(path: str | os.PathLike, manifest_path: str | os.PathLike, 
     manifest's `split` with the same label and group_id, listed once.
     """
     path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such predictions file (`lesiongen evaluate --out DIR` writes "
+                         "DIR/predictions.csv)")
     meta_file = path.with_name(path.stem + ".meta.json")
     if not meta_file.is_file():
         raise InputError(f"{path}: no {meta_file.name} beside it; mining needs the predictions' provenance "

@@ -144,22 +144,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_adapter_base(base: str, adapter: str) -> tuple[str, str]:
-    """(base hash, adapter hash); an adapter trained on another base is refused, not silently applied."""
-    from lesiongen.diffusion.adapters import AdapterInfo, adapter_hash
-    from lesiongen.diffusion.fingerprint import pipeline_hash
-
-    info = AdapterInfo.load(adapter)
-    base_hash = pipeline_hash(base)
-    if info.base_hash != base_hash:
-        raise InputError(f"--adapter {adapter} was trained on another base: its adapter.json names {info.base} "
-                         f"(sha256 {info.base_hash[:12]}...), but --base {base} has sha256 {base_hash[:12]}...; "
-                         "pass the base it was fine-tuned from")
-    return base_hash, adapter_hash(adapter)
-
-
 def model_identity(config: SynthesisConfig) -> tuple[str, str | None]:
     """(base hash, adapter hash), checked before anything is written."""
+    from lesiongen.diffusion.adapters import check_adapter_base
     from lesiongen.diffusion.fingerprint import pipeline_hash
 
     if config.adapter:

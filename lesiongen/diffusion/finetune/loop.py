@@ -49,6 +49,10 @@ class TrainingDivergedError(LesiongenError):
 
 def resolve_precision(setting: str) -> tuple[str, torch.dtype]:
     """accelerate's mixed-precision name and the dtype frozen weights run in."""
+    from lesiongen.errors import InputError
+
+    if setting == "fp16" and not torch.cuda.is_available():  # CPU fp16 convolutions fail mid-run
+        raise InputError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this device")
     if setting == "auto":
         if not torch.cuda.is_available():
             setting = "no"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -93,9 +94,13 @@ def _resumable(out: Path) -> bool:
 
 def run_finetune(config: FinetuneConfig, *, resume: str | None = None, overwrite: bool = False) -> Path:
     """Train, then write the adapter in every format with its model card; returns the output folder."""
-    from lesiongen.diffusion.finetune.loop import Trainer
+    from lesiongen.diffusion.finetune.loop import Trainer, resolve_precision
     from lesiongen.utils.distributed import process_state
 
+    resolve_precision(config.mixed_precision)  # fp16 without a GPU fails here, not after the training
+    if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise InputError("--tensorboard needs the tensorboard package, which is not installed "
+                         "(pip install tensorboard), or leave the flag out")
     state = process_state()
     folder = prepare_out_dir(config, resume=resume, overwrite=overwrite) if state.is_main_process else None
     state.wait_for_everyone()
