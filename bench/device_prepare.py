@@ -7,6 +7,10 @@
   link (a call's `$OUT/pretrain` folder).
 
     python bench/device_prepare.py --judge checkpoints/es-study [--resume-from FILES_AT/pretrain]
+
+A judge folder that does not exist yet is trained here first, on the CPU (`train_judge`: the derm-dev
+recipe at 64 px for 12 epochs without early stopping, the judge of RESULTS.md's CPU pretraining tables;
+about 10 minutes on 2 cores), so a fresh checkout needs nothing but this script before its device calls.
 """
 
 from __future__ import annotations
@@ -48,6 +52,25 @@ def zip_derm_dev(target: Path, size: int | None) -> None:
             archive.writestr(str(Path(name).with_suffix(".jpg")), buffer.getvalue())
 
 
+def train_judge(out: Path) -> None:
+    """The 64 px derm-dev judge: the shipped recipe at 64 px, 12 epochs, no early stopping, no TTA."""
+    from dataclasses import replace
+
+    from lesiongen.classifier.config import TrainConfig
+    from lesiongen.classifier.train import train_classifier
+    from lesiongen.config import from_dict, load_yaml
+    from lesiongen.data.index import index_dataset
+
+    manifest = ROOT / "checkpoints" / "derm-dev" / "manifest.csv"
+    if not manifest.is_file():
+        index_dataset(DATA / "derm-dev", manifest, seed=0)
+    recipe = from_dict(TrainConfig, load_yaml(ROOT / "configs" / "derm-dev-classifier.yaml"), where="recipe")
+    config = replace(recipe, manifest=str(manifest), img_size=64, load_size=64, epochs=12, tta="none",
+                     early_stopping_patience=None)
+    print(f"no judge at {out}: training one on the CPU (about 10 minutes)")
+    train_classifier(config, out, resume="latest")
+
+
 def newest_checkpoint(folder: Path) -> Path:
     found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     if not found:
@@ -71,12 +94,11 @@ def main() -> None:
     chain = CACHE / "pretrain"
     chain.mkdir(exist_ok=True)
     zip_derm_dev(chain / "derm-dev-64.zip", 64)
-    if (args.judge / "model.safetensors").is_file():
-        (chain / "judge").mkdir(exist_ok=True)
-        shutil.copy(args.judge / "classifier.json", chain / "judge" / "classifier.json")
-        save_half(args.judge / "model.safetensors", chain / "judge" / "model.safetensors")
-    else:
-        print(f"no judge at {args.judge}: train one on real derm-dev and pass --judge; `pretrain` needs it")
+    if not (args.judge / "model.safetensors").is_file():
+        train_judge(args.judge)
+    (chain / "judge").mkdir(exist_ok=True)
+    shutil.copy(args.judge / "classifier.json", chain / "judge" / "classifier.json")
+    save_half(args.judge / "model.safetensors", chain / "judge" / "model.safetensors")
     shutil.rmtree(chain / "work", ignore_errors=True)
     if args.resume_from is not None:
         checkpoint = newest_checkpoint(args.resume_from)

@@ -31,7 +31,8 @@
 #
 # The pretrain chain (#8): `prepare` puts into .devcache/pretrain a 64 px JPEG copy of derm-dev (~21 MB;
 # the base trains at 64 px anyway), the judge (--judge: a `train-classifier` folder trained on real
-# derm-dev, default checkpoints/es-study, weights in fp16) and, with --resume-from, the newest checkpoint
+# derm-dev, default checkpoints/es-study, trained there on the CPU first if it is missing (~10 min), weights
+# in fp16) and, with --resume-from, the newest checkpoint
 # of the previous link. The run's step counts are fitted to PRETRAIN_BUDGET minutes of training (default 7:
 # one call trains, finishes and judges 128 samples per class); a larger budget makes it a chain of links of
 # PRETRAIN_MINUTES (default 8) each, saved without the optimizer state (Adam's moments restart: the state
