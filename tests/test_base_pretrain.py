@@ -50,6 +50,8 @@ def test_pretrain_cli_pauses_resumes_and_saves_an_sd_folder(toy_manifest, tmp_pa
     assert result.exit_code == 0, result.output
     assert "paused" in result.output and not (out / "model_index.json").exists()
     assert [p.name for p in ckpt.checkpoints_in(out)] == ["checkpoint-4", "checkpoint-5"]
+    # as if killed between checkpoint-5 and its sample grid: the resumed run draws the grid it missed
+    (out / "samples" / "step-000005.png").unlink()
 
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "--overwrite" in again.output  # no silent restart over a run
@@ -71,6 +73,8 @@ def test_pretrain_cli_pauses_resumes_and_saves_an_sd_folder(toy_manifest, tmp_pa
     assert pipe.vae.config.scaling_factor == pytest.approx(provenance["latent_scaling_factor"])
     assert pipe.vae.config.scaling_factor != pytest.approx(0.18215)
 
+    finished = runner.invoke(app, args)
+    assert finished.exit_code == 2 and "it holds a finished base: pass --overwrite" in finished.output
     info = runner.invoke(app, ["base", "info", str(out), "--json"])
     assert info.exit_code == 0 and json.loads(info.stdout)["provenance"]["kind"] == "pretrained"
 

@@ -19,7 +19,7 @@ from lesiongen.diffusion.pretrain.trainer import CONFIG_FILE, Pretrainer, Pretra
 from lesiongen.errors import InputError, OutputExistsError
 from lesiongen.utils.atomic import readable_by_umask, write_json
 from lesiongen.utils.device import resolve_device
-from lesiongen.utils.outdir import OutputFolder
+from lesiongen.utils.outdir import OutputFolder, is_unfinished
 
 # Config fields a resumed run may change; anything else would make the checkpoint mean something else.
 RESUMABLE_CHANGES = {"vae.steps", "unet.steps", "log_every", "sample_every", "samples_per_class", "sample_steps",
@@ -110,8 +110,12 @@ def _prepare_out(out: Path, config: PretrainConfig, resume: str | None,
         return checkpoint, folder
     folder = OutputFolder(out, "pretrain")
     if folder.existing and resume is None and not overwrite:
-        hint = ("it holds checkpoints: pass --resume latest to continue its training, or --overwrite to start again"
-                if ckpt.checkpoints_in(out) else "pass --overwrite to replace it")
+        if (out / "model_index.json").is_file() and not is_unfinished(out):
+            hint = "it holds a finished base: pass --overwrite to train it again, or choose another --out"
+        elif ckpt.checkpoints_in(out):
+            hint = "it holds checkpoints: pass --resume latest to continue its training, or --overwrite to start again"
+        else:
+            hint = "pass --overwrite to replace it"
         raise OutputExistsError(f"pretraining output folder {out} already exists; {hint}")
     folder.start(replace=overwrite)  # `--resume latest` without a checkpoint yet starts in the folder
     return None, folder

@@ -249,6 +249,7 @@ class Pretrainer:
         self.unet.train()
         scale = self.vae.config.scaling_factor
         fitter = self._fitter("unet")  # made after the latent cache, whose time the budget has paid
+        self._evaluate_missed_step()
         while self.state.step < self.stage_steps("unet"):
             if should_pause():
                 break
@@ -411,6 +412,14 @@ class Pretrainer:
             yield
         finally:
             self.ema.restore(params)
+
+    def _evaluate_missed_step(self) -> None:
+        """A run resumed from a checkpoint written at a sampling step was stopped (or killed) between that
+        checkpoint and its sample grid: make the grid now, or its step would be missing for good."""
+        every, step = self.config.sample_every, self.state.step
+        tag = f"step-{self.state.global_step:06d}"
+        if every and step and step % every == 0 and not (self.out / SAMPLES_DIR / f"{tag}.png").is_file():
+            self.evaluate(tag=tag)
 
     def evaluate(self, tag: str) -> dict:
         from lesiongen.diffusion.pretrain.sampling import save_grid
