@@ -65,6 +65,9 @@ def build_document(run_dir: str | Path) -> Document:
     doc.add(Heading("Per class", 3), tables.per_class_table(results, classes))
 
     doc.add(Heading("Rounds"), *_curves(results))
+    selection = tables.selection_table(results)
+    if selection is not None:
+        doc.add(Heading("Model selection", 3), selection)
     confusion = _confusion(results, classes)
     if confusion is not None:
         doc.add(Heading("Confusion matrices"), confusion)

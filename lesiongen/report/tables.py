@@ -192,6 +192,31 @@ def ratio_table(results: Results, classes: list[str]) -> Table:
                                        "so far, after the trainer's per-class cap), and synthetic:real ratio.")
 
 
+def selection_table(results: Results) -> Table | None:
+    """What each model was selected on: the validation images left after the lesions its synthetic images came
+    from, its best balanced accuracy there, and its balanced accuracy on every validation image (the gap is
+    how optimistic selecting on all of them would have been). None for runs made before the rule."""
+    rows = []
+    for arm, r, models in results.groups():
+        chosen = [m.get("val_selection") or {} for m in models]
+        if not any("rows" in c for c in chosen):
+            continue
+        unseen = _mean([c.get("balanced_accuracy") for c in chosen])
+        every = _mean([(m.get("val_metrics") or {}).get("balanced_accuracy") for m in models])
+        missing = sorted({name for c in chosen for name in c.get("classes_without_rows", [])})
+        rows.append([f"{arm} r{r}", fmt(_mean([c.get("rows") for c in chosen]), 0),
+                     fmt(_mean([c.get("excluded_lesions") for c in chosen]), 0), fmt(unseen), fmt(every),
+                     fmt(every - unseen, signed=True) if every is not None and unseen is not None else "n/a",
+                     ", ".join(missing) or "none"])
+    if not rows:
+        return None
+    return Table(["model", "val images selecting it", "lesions left out", "val bal. acc. (selection)",
+                  "val bal. acc. (all val images)", "all minus selection", "classes with no image left"], rows,
+                 caption="Model selection (means over seeds). Lesions that synthetic training images were made "
+                         "from do not select the model (`classifier.selection`); the last columns show how far "
+                         "the score on every validation image, those lesions included, sits from it.")
+
+
 def budget_gaps(results: Results, classes: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
     """The comparison arms' classes whose synthetic count in the last round differs from the mined arm's:
     {arm: {class: (its count, mined count)}}, means over seeds (as in `ratio_table`)."""
