@@ -177,7 +177,7 @@ class ClassifierTrainer:
                          cache_dir=cache / "images")
         self.train_data, self.val_data = train.to(acc.device), val.to(acc.device)
         self.info = self._describe(model, manifest.classes, table.summary)
-        self._announce_selection()
+        self._announce_data_rules()
         self.spec = ClinicalSpec.default_for(manifest.classes)
         self.class_loss_weight = balance_weights(table.class_counts(), cfg.loss_balance).to(acc.device)
         self.augment = DeviceAugment(cfg.augment, cfg.img_size)
@@ -194,7 +194,8 @@ class ClassifierTrainer:
                       "effective_batch_size": cfg.batch_size * acc.num_processes * cfg.grad_accum,
                       "mixed_precision": acc.mixed_precision, "config": to_dict(cfg)})
 
-    def _announce_selection(self) -> None:
+    def _announce_data_rules(self) -> None:
+        """Say which synthetic rows do not train and which validation rows do not select the model."""
         left_out = self.info.training["data"]["synthetic_outside_splits"]
         if left_out:
             self.accelerator.print(f"warning: {left_out} synthetic rows belong to splits outside synthetic_splits "
