@@ -101,7 +101,7 @@ def _overview(summary: dict, config: LoopConfig, gaps: dict[str, dict[str, tuple
            "(`selection: unseen`)." if config.classifier.selection == "unseen" else
            " over every validation row, including the lesions its synthetic training images were made from "
            "(`selection: all`): the arms that train on variants of mined validation cases are selected on "
-           "optimistic scores."),
+           "scores that are not held out."),
         f"{summary['rounds']} round(s), seeds {summary['seeds']}; hard cases mined on the "
         f"{summary['mining_split']} split; the test split was used only for the numbers below.",
         steps_line
@@ -140,9 +140,10 @@ def _curves(results: tables.Results) -> list:
         val_series.setdefault(arm, []).append((r, *_band(values, None)))
     out.append(Figure("curve-val-balanced-accuracy", figures.round_curves(val_series, "validation balanced accuracy"),
                       "Validation balanced accuracy each round's model was selected on (its best epoch), over the "
-                      "validation lesions that none of its synthetic training images came from: variants of mined "
-                      "validation cases make those cases' own scores optimistic. Selected on, so not held out; "
-                      "the test curves above are."))
+                      "validation lesions that none of its synthetic training images came from. Each arm leaves out "
+                      "its own sources, and the mined hard cases are the hardest lesions, so these sets differ "
+                      "between arms and the curves do not compare arms (the test curves above do); selected on, "
+                      "so not held out either."))
     return out
 
 

@@ -195,7 +195,7 @@ def ratio_table(results: Results, classes: list[str]) -> Table:
 def selection_table(results: Results) -> Table | None:
     """What each model was selected on: the validation images left after the lesions its synthetic images came
     from, its best balanced accuracy there, and its balanced accuracy on every validation image (the gap is
-    how optimistic selecting on all of them would have been). None for runs made before the rule."""
+    how far the lesions left out move the score, in either direction). None for runs made before the rule."""
     rows = []
     for arm, r, models in results.groups():
         chosen = [m.get("val_selection") or {} for m in models]
