@@ -152,6 +152,7 @@ def test_report_of_a_test_mining_run_leads_with_the_leakage_warning(tiny_loop_ru
     shutil.copytree(tiny_loop_run.run_dir, run_dir, ignore=shutil.ignore_patterns("metrics.json", "report*"))
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     config["mining"].update(split="test", allow_test_mining=True)
+    config["classifier"]["synthetic_splits"] = ["train", "val", "test"]  # what such a run trains on
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     result = CliRunner().invoke(app, ["report", str(run_dir)])
     assert result.exit_code == 0, result.output
