@@ -136,6 +136,23 @@ def test_validation_lesions_that_synthetic_images_came_from_do_not_select_the_mo
     assert row["val_all_balanced_accuracy"] == pytest.approx(every, abs=1e-9)
 
 
+def test_a_tied_selection_score_goes_to_the_lower_validation_loss(tmp_path):
+    from lesiongen.classifier.checkpoints import TrainerState
+    from lesiongen.classifier.train import improves
+    from lesiongen.utils.checkpoints import STATE_FILE
+
+    state = TrainerState(best_score=0.95, best_loss=0.59, best_epoch=3)
+    assert improves(0.96, 0.70, state) and not improves(0.94, 0.10, state)
+    assert improves(0.95, 0.50, state) and not improves(0.95, 0.60, state)
+    assert improves(0.0, 9.9, TrainerState())  # the first epoch is always the best so far
+    (tmp_path / STATE_FILE).write_text(json.dumps(TrainerState().to_json()))  # infinities saved as null
+    assert TrainerState.read(tmp_path).best_loss == float("inf")
+    old = TrainerState().to_json()
+    del old["best_loss"]  # a checkpoint written before the tie-break resumes
+    (tmp_path / STATE_FILE).write_text(json.dumps(old))
+    assert TrainerState.read(tmp_path).best_loss == float("inf")
+
+
 def test_selection_all_and_the_fallback_when_every_val_lesion_was_used(toy_manifest, tmp_path):
     from lesiongen.classifier.config import TrainConfig
     from lesiongen.classifier.data import load_synthetic, selection_rows, training_table

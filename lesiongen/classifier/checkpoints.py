@@ -27,6 +27,7 @@ class TrainerState:
     epoch_loss_sum: float = 0.0  # this process's summed training loss over those batches
     global_step: int = 0  # optimizer steps so far
     best_score: float = -math.inf  # best validation balanced accuracy
+    best_loss: float = math.inf  # the best epoch's validation loss: breaks ties of the score
     best_epoch: int = -1
     epochs_without_improvement: int = 0
     finished: bool = False
@@ -37,6 +38,7 @@ class TrainerState:
     def read(cls, checkpoint: Path) -> TrainerState:
         data = read_state(checkpoint)
         data["best_score"] = -math.inf if data.get("best_score") is None else data["best_score"]
+        data["best_loss"] = math.inf if data.get("best_loss") is None else data["best_loss"]
         try:
             return cls(**data)
         except TypeError as err:
@@ -45,6 +47,7 @@ class TrainerState:
     def to_json(self) -> dict:
         data = asdict(self)
         data["best_score"] = None if math.isinf(self.best_score) else self.best_score
+        data["best_loss"] = None if math.isinf(self.best_loss) else self.best_loss
         return data
 
 

@@ -373,9 +373,10 @@ class ClassifierTrainer:
         acc, cfg = self.accelerator, self.config
         metrics, probs = self.validate()
         score = metrics["balanced_accuracy"]  # identical on every process: computed from gathered predictions
-        improved = score > state.best_score
+        improved = improves(score, metrics["loss"], state)
         if improved:
             state.best_score, state.best_epoch, state.epochs_without_improvement = score, state.epoch, 0
+            state.best_loss = metrics["loss"]
             self.best_val_probs = probs
             if acc.is_main_process:
                 info = replace(self.info, training={**self.info.training, "best_epoch": state.epoch + 1,
@@ -420,6 +421,12 @@ class ClassifierTrainer:
             # Validation selects the model; intervals belong to `lesiongen evaluate` on the test split.
             write_evaluation(evaluation, self.out_dir / EVAL_DIR, BootstrapSettings(n_resamples=0), overwrite=True)
         acc.wait_for_everyone()
+
+
+def improves(score: float, loss: float, state: TrainerState) -> bool:
+    """A better validation balanced accuracy; a tie (common on a small selection set) goes to the lower
+    validation loss rather than to the earlier epoch."""
+    return score > state.best_score or (score == state.best_score and loss < state.best_loss)
 
 
 def _panel(probs: Tensor, labels: Tensor, spec: ClinicalSpec, rows: Tensor | None = None) -> dict[str, float]:
