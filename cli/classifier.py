@@ -18,7 +18,7 @@ DEFAULT_EVAL_ROOT = Path("checkpoints/evaluate")
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Split = Literal["train", "val", "test"]
 TTA = Literal["none", "flip", "dihedral"]
-Selection = Literal["unseen", "all"]
+Selection = Literal["all", "unseen"]
 RESUME_MAY_CHANGE = {"cache_dir"}  # where decoded images are cached does not change the run
 
 
@@ -54,7 +54,8 @@ def train_classifier(
     synthetic_weight: Annotated[Optional[float], typer.Option(min=0.0, help="Loss weight of a synthetic row.")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     selection: Annotated[Optional[Selection], typer.Option(
-        help="Val rows that select the model: unseen leaves out lesions synthetic images were made from.")] = None,
+        help="Val rows that select the model: all (default), or unseen: without the lesions synthetic "
+             "images were made from.")] = None,
     tta: Annotated[Optional[TTA], typer.Option(
         help="Test-time augmentation of validation and later evaluations (dihedral: 8 views).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(

@@ -112,9 +112,10 @@ def test_train_classifier_writes_the_model_folder(trained, toy_manifest):
     assert json.loads((trained / ".lesiongen.json").read_text())["complete"] is True
 
 
-def test_validation_lesions_that_synthetic_images_came_from_do_not_select_the_model(trained):
-    """The fixture trains on copies of 2 val images per class: those lesions leave the selection set, and the
-    recorded scores are the best model's balanced accuracy on the other val rows (and on all of them)."""
+def test_selection_scores_with_and_without_the_lesions_synthetic_images_came_from(trained):
+    """The fixture trains on copies of 2 val images per class. By default (`all`) every val row selects the model,
+    and the best epoch's score without those lesions is recorded beside it; both match the best model's
+    eval-val predictions."""
     from sklearn.metrics import balanced_accuracy_score
 
     info = json.loads((trained / "classifier.json").read_text())
@@ -122,18 +123,18 @@ def test_validation_lesions_that_synthetic_images_came_from_do_not_select_the_mo
     predictions = pd.read_csv(trained / "eval-val" / "predictions.csv")
     seen = predictions["group_id"].astype(str).isin(set(synthetic["group_id"].astype(str)))
     assert len(synthetic) == 14 and 14 <= seen.sum() < len(predictions)  # a toy lesion has several images
-    selection = info["training"]["selection"]
-    assert selection == {"rule": "unseen", "rows": int((~seen).sum()), "excluded_rows": int(seen.sum()),
-                         "excluded_lesions": synthetic["group_id"].nunique(),
-                         "classes_without_rows": sorted(set(CLASSES) - set(predictions.loc[~seen, "label"]))}
+    assert info["training"]["selection"] == {
+        "rule": "all", "source_lesions": synthetic["group_id"].nunique(), "source_rows": int(seen.sum()),
+        "rows": len(predictions), "classes_without_rows": []}
+    every = balanced_accuracy_score(predictions["label"], predictions["pred"])
     unseen = predictions[~seen]
-    best = info["training"]["val_balanced_accuracy"]
-    assert best == pytest.approx(balanced_accuracy_score(unseen["label"], unseen["pred"]), abs=1e-9)
+    assert info["training"]["val_balanced_accuracy"] == pytest.approx(every, abs=1e-9)
+    assert info["training"]["val_unseen_balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(unseen["label"], unseen["pred"]), abs=1e-9)
     history = pd.read_csv(trained / "history.csv")
     row = history[history["epoch"] == info["training"]["best_epoch"]].iloc[0]
-    assert row["val_balanced_accuracy"] == pytest.approx(best, abs=1e-9)
-    every = balanced_accuracy_score(predictions["label"], predictions["pred"])
-    assert row["val_all_balanced_accuracy"] == pytest.approx(every, abs=1e-9)
+    assert row["val_balanced_accuracy"] == row["val_all_balanced_accuracy"] == pytest.approx(every, abs=1e-9)
+    assert row["val_unseen_balanced_accuracy"] == pytest.approx(info["training"]["val_unseen_balanced_accuracy"])
 
 
 def test_a_tied_selection_score_goes_to_the_lower_validation_loss(tmp_path):
@@ -169,7 +170,10 @@ def test_selection_all_and_the_fallback_when_every_val_lesion_was_used(toy_manif
         table = training_table(real, load_synthetic([path], real), config)
         chosen = selection_rows(val, table, rule)
         assert chosen.summary["rows"] == chosen.mask.sum() == expected_rows
+        assert chosen.summary["source_rows"] == (~chosen.unseen).sum() == lesions[table.rows.loc[
+            table.rows["synthetic"], "group_id"].unique()].sum()
     assert chosen.summary["rule"] == "all" and "not held out" in chosen.summary["note"]
+    assert TrainConfig().selection == "all"
     with pytest.raises(ValueError, match="selection must be one of"):
         TrainConfig(selection="val")
 

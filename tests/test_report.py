@@ -88,17 +88,21 @@ def test_report_table_matches_metrics_files(tiny_loop_run, tmp_path):
             assert row["Δ balanced accuracy vs real"] == f"{diff['difference']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
         seen.add((arm, round_))
     assert {"real", "mined", "classical", "random"} <= {arm for arm, _ in seen}
-    selection = _table_rows(markdown, "model | val images selecting it")
+    selection = _table_rows(markdown, "model | selected on | val images selecting it")
     for info_file in sorted(run_dir.glob("seed-0/round-*/*/train/classifier.json")):
         arm, round_ = info_file.parts[-3], info_file.parts[-4].removeprefix("round-")
         training = json.loads(info_file.read_text())["training"]
         every = json.loads((info_file.parent / "eval-val" / "metrics.json").read_text())["metrics"]
         row = next(r for r in selection if r["model"] == f"{arm} r{round_}")
+        assert row["selected on"] == training["selection"]["rule"] == "all"
         assert row["val images selecting it"] == str(training["selection"]["rows"])
-        assert row["lesions left out"] == str(training["selection"]["excluded_lesions"])
+        assert row["val lesions that synthetic images came from"] == str(training["selection"]["source_lesions"])
         assert row["val bal. acc. (selection)"] == f"{training['val_balanced_accuracy']:.3f}"
         assert row["val bal. acc. (all val images)"] == f"{every['balanced_accuracy']:.3f}"
-        assert (training["selection"]["excluded_lesions"] > 0) == (arm in ("mined", "classical"))
+        unseen = training["val_unseen_balanced_accuracy"]
+        assert row["val bal. acc. (lesions no synthetic image came from)"] == (
+            f"{unseen:.3f}" if unseen is not None else "= all")
+        assert (training["selection"]["source_lesions"] > 0) == (arm in ("mined", "classical"))
     assert "DEMONSTRATION" in markdown  # the toy-data run says what it is
     for asset in re.findall(r"\]\((report_assets/[^)]+)\)", markdown):
         assert (run_dir / asset).is_file()

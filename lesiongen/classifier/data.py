@@ -1,8 +1,8 @@
 """From manifests to what the trainer holds: decoded uint8 images, labels, loss weights, a sampler.
 
 - The real manifest's train split trains and its val split selects the model; evaluation uses real
-  (non-synthetic) rows only. With `selection: unseen` (the default) a validation lesion that synthetic
-  training images were made from (mined hard cases and their variants) no longer selects the model.
+  (non-synthetic) rows only. With `selection: unseen` a validation lesion that synthetic training images
+  were made from (a mined hard case) no longer selects the model; `all` (the default) keeps every row.
 - Synthetic manifests must use the real manifest's classes. Per class, at most `max_synthetic_ratio`
   synthetic rows per real training row are kept (a seeded random subset), each with loss weight
   `synthetic_weight`. Rows of the splits in `synthetic_splits` are used; the others are counted and left out.
@@ -98,9 +98,11 @@ def training_table(real: Manifest, synthetic: list[Manifest], config: TrainConfi
 
 @dataclass
 class SelectionRows:
-    """Which validation rows select the model (best epoch, early stopping), and why the others do not."""
+    """Which validation rows select the model (best epoch, early stopping), and which lesions no synthetic
+    training image came from (their score is held out whatever the rule)."""
 
-    mask: np.ndarray  # bool, one per real validation row
+    mask: np.ndarray  # bool, one per real validation row: selects the model
+    unseen: np.ndarray  # bool, one per real validation row: its lesion is no synthetic training image's source
     summary: dict  # saved in classifier.json under training.selection
 
     @property
@@ -109,23 +111,24 @@ class SelectionRows:
 
 
 def selection_rows(val: Manifest, table: TrainingTable, rule: str) -> SelectionRows:
-    """With `unseen`, validation lesions that a synthetic training image was made from (a mined hard case's
-    variants keep its `group_id`) do not select the model: their score is no longer held out. Falls back to
-    every row, and says so, when no validation lesion is left."""
+    """A mined hard case's variants keep its `group_id`, so some validation lesions may be sources of synthetic
+    training images. `all` selects on every row anyway; `unseen` leaves those lesions out (falling back to
+    every row, and saying so, when none is left)."""
     groups = val.df["group_id"].astype(str).to_numpy()
     synthetic = table.rows[table.rows["synthetic"]]
-    seen = set(synthetic["group_id"].astype(str)) & set(groups) if rule == "unseen" else set()
-    mask = ~np.isin(groups, sorted(seen))
-    summary = {"rule": rule, "rows": int(mask.sum()), "excluded_rows": int((~mask).sum()),
-               "excluded_lesions": len(seen)}
+    seen = set(synthetic["group_id"].astype(str)) & set(groups)
+    unseen = ~np.isin(groups, sorted(seen))
+    mask = unseen.copy() if rule == "unseen" else np.ones(len(groups), dtype=bool)
+    summary = {"rule": rule, "source_lesions": len(seen), "source_rows": int((~unseen).sum())}
     if not mask.any():
         mask[:] = True
-        summary.update(rule="all", rows=len(mask), note=(
+        summary.update(rule="all", note=(
             f"every validation lesion is the source of a synthetic training image ({len(seen)} lesions); "
             "the model is selected on all of them, so its validation score is not held out"))
     labels = val.df["label"].to_numpy()
+    summary["rows"] = int(mask.sum())
     summary["classes_without_rows"] = sorted(set(val.classes) & set(labels) - set(labels[mask]))
-    return SelectionRows(mask, summary)
+    return SelectionRows(mask, unseen, summary)
 
 
 def _rows(manifest: Manifest, *, synthetic: bool) -> pd.DataFrame:

@@ -4,8 +4,8 @@ The images of the train and val splits are decoded once into uint8 tensors on th
 set of positions drawn by `EpochSampler`, gathered from that tensor and augmented on the device, so the
 data pipeline costs a few kernels per step. accelerate provides mixed precision, DDP, gradient
 accumulation and checkpoint state; the model is selected (and training stopped early) on validation
-balanced accuracy, computed from predictions gathered over all processes, over the validation lesions
-that no synthetic training image was made from (`selection: unseen`; `all` uses every row).
+balanced accuracy, computed from predictions gathered over all processes (every validation row, or with
+`selection: unseen` the lesions no synthetic training image was made from; both scores are logged).
 
 Output folder: `config.yaml`, the best model (`model.safetensors` + `classifier.json`), `history.csv`,
 `checkpoint-N/` folders, and `eval-val/` (the best model's validation evaluation, as `lesiongen evaluate`
@@ -203,12 +203,13 @@ class ClassifierTrainer:
         summary = self.selection.summary
         if summary.get("note"):
             self.accelerator.print(f"warning: {summary['note']}")
-        elif summary["excluded_lesions"]:
+        elif summary["source_lesions"]:
             missing = summary["classes_without_rows"]
             self.accelerator.print(
-                f"model selection on {summary['rows']} of {len(self.selection.mask)} validation images: "
-                f"{summary['excluded_lesions']} lesions that synthetic training images were made from are left out"
-                + (f" (no validation image of {', '.join(missing)} is left)" if missing else ""))
+                f"{summary['source_lesions']} validation lesions ({summary['source_rows']} images) are sources of "
+                f"synthetic training images; model selection on {summary['rows']} of {len(self.selection.mask)} "
+                f"validation images (selection: {summary['rule']})"
+                + (f"; no validation image of {', '.join(missing)} is left" if missing else ""))
 
     def _prepare(self, model: torch.nn.Module, sampler) -> None:
         """Loaders, optimizer and one-cycle schedule, wrapped by accelerate (DDP, mixed precision)."""
@@ -288,16 +289,19 @@ class ClassifierTrainer:
 
     def validate(self) -> tuple[dict[str, float], Tensor]:
         """The clinical panel and loss on the selection rows of the validation split (with the balanced
-        accuracy of every row beside it when they differ), from predictions gathered over all processes;
-        returns the probabilities of every validation row."""
+        accuracy on every row and on the lesions no synthetic image came from beside it, when those differ),
+        from predictions gathered over all processes; returns the probabilities of every validation row."""
         self.average_buffers()
         model = self.accelerator.unwrap_model(self.model)
         probs = predict_distributed(self.accelerator, model, self.info, self.val_data.images, loader=self.val_loader)
         model.train()
         labels = self.val_data.labels.cpu()
         metrics = _panel(probs, labels, self.spec, torch.from_numpy(self.selection.mask))
-        if not self.selection.is_all:
+        unseen = self.selection.unseen
+        if unseen.any() and not unseen.all():  # both scores, whichever selects
             metrics["all_balanced_accuracy"] = _panel(probs, labels, self.spec)["balanced_accuracy"]
+            metrics["unseen_balanced_accuracy"] = _panel(probs, labels, self.spec,
+                                                         torch.from_numpy(unseen))["balanced_accuracy"]
         return metrics, probs
 
     # ------------------------------------------------------------------ loop
@@ -380,17 +384,20 @@ class ClassifierTrainer:
             self.best_val_probs = probs
             if acc.is_main_process:
                 info = replace(self.info, training={**self.info.training, "best_epoch": state.epoch + 1,
-                                                    "val_balanced_accuracy": score})
+                                                    "val_balanced_accuracy": score,
+                                                    "val_unseen_balanced_accuracy": metrics.get(
+                                                        "unseen_balanced_accuracy")})
                 save_classifier(acc.unwrap_model(self.model), info, self.out_dir)
         else:
             state.epochs_without_improvement += 1
         row = {"epoch": state.epoch + 1, "step": state.global_step, "lr": self.scheduler.get_last_lr()[0],
                "train_loss": train_loss, **{f"val_{k}": v for k, v in metrics.items()}}
         state.history.append(row)
-        every_row = metrics.get("all_balanced_accuracy")
+        unseen = metrics.get("unseen_balanced_accuracy")
         acc.print(f"epoch {state.epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
                   f"val balanced accuracy {score:.4f}{' (best)' if improved else ''}"
-                  + (f" on unseen lesions, {every_row:.4f} on all" if every_row is not None else ""))
+                  + (f" ({unseen:.4f} on the lesions no synthetic image came from, "
+                     f"{metrics['all_balanced_accuracy']:.4f} on all)" if unseen is not None else ""))
         if acc.is_main_process:
             with atomic_path(self.out_dir / HISTORY_FILE) as tmp:
                 pd.DataFrame(state.history).to_csv(tmp, index=False)

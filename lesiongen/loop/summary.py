@@ -38,8 +38,10 @@ def model_result(layout: RunLayout, key: ModelKey) -> dict[str, Any]:
     return {
         "arm": key.arm, "round": key.round, "seed": key.seed,
         "test": test, "val_metrics": (val or {}).get("metrics"),
-        # the score the model was selected on, over the validation lesions no synthetic image came from
-        "val_selection": {"balanced_accuracy": training.get("val_balanced_accuracy"), **training.get("selection", {})},
+        # the score the model was selected on, and its score on the validation lesions no synthetic image came from
+        "val_selection": {"balanced_accuracy": training.get("val_balanced_accuracy"),
+                          "unseen_balanced_accuracy": training.get("val_unseen_balanced_accuracy"),
+                          **training.get("selection", {})},
         "real_train": data.get("real"), "synthetic_used": data.get("synthetic_used"),
         "compare_to_real": compare, "quality": quality,
         "files": {

@@ -99,9 +99,8 @@ def _overview(summary: dict, config: LoopConfig, gaps: dict[str, dict[str, tuple
         f"{config.classifier.epochs} epochs, chosen on validation balanced accuracy"
         + (" over the validation lesions that none of its synthetic training images were made from "
            "(`selection: unseen`)." if config.classifier.selection == "unseen" else
-           " over every validation row, including the lesions its synthetic training images were made from "
-           "(`selection: all`): the arms that train on variants of mined validation cases are selected on "
-           "scores that are not held out."),
+           " over every validation row (`selection: all`), including the mined hard cases whose variants the "
+           "mined and classical arms train on; the model-selection table gives the score without them."),
         f"{summary['rounds']} round(s), seeds {summary['seeds']}; hard cases mined on the "
         f"{summary['mining_split']} split; the test split was used only for the numbers below.",
         steps_line
@@ -139,11 +138,9 @@ def _curves(results: tables.Results) -> list:
         values = np.array([_selection_score(m) for m in models], dtype=float)
         val_series.setdefault(arm, []).append((r, *_band(values, None)))
     out.append(Figure("curve-val-balanced-accuracy", figures.round_curves(val_series, "validation balanced accuracy"),
-                      "Validation balanced accuracy each round's model was selected on (its best epoch), over the "
-                      "validation lesions that none of its synthetic training images came from. Each arm leaves out "
-                      "its own sources, and the mined hard cases are the hardest lesions, so these sets differ "
-                      "between arms and the curves do not compare arms (the test curves above do); selected on, "
-                      "so not held out either."))
+                      "Validation balanced accuracy each round's model was selected on (its best epoch; which rows: "
+                      "the model-selection table). Selected on, so not held out, and the mined and classical arms "
+                      "train on variants of some of these images: the test curves above compare arms."))
     return out
 
 
