@@ -137,6 +137,25 @@ def test_selection_scores_with_and_without_the_lesions_synthetic_images_came_fro
     assert row["val_unseen_balanced_accuracy"] == pytest.approx(info["training"]["val_unseen_balanced_accuracy"])
 
 
+def test_selection_unseen_selects_on_the_lesions_no_synthetic_image_came_from(trained, recipe, tmp_path):
+    from sklearn.metrics import balanced_accuracy_score
+
+    synthetic = json.loads((trained / "classifier.json").read_text())["training"]["data"]["synthetic_manifests"][0]
+    out = tmp_path / "unseen"
+    result = cli("train-classifier", "--manifest", load_manifest_path(trained), "--synthetic", synthetic,
+                 "--config", recipe, "--selection", "unseen", "--out", out)
+    assert "(selection: unseen)" in result.output
+    training = json.loads((out / "classifier.json").read_text())["training"]
+    predictions = pd.read_csv(out / "eval-val" / "predictions.csv")
+    unseen = predictions[~predictions["group_id"].astype(str).isin(
+        set(load_manifest(synthetic).df["group_id"].astype(str)))]
+    assert training["selection"]["rule"] == "unseen" and training["selection"]["rows"] == len(unseen)
+    score = balanced_accuracy_score(unseen["label"], unseen["pred"])
+    assert training["val_balanced_accuracy"] == training["val_unseen_balanced_accuracy"] == pytest.approx(score)
+    history = pd.read_csv(out / "history.csv")
+    assert (history["val_balanced_accuracy"] == history["val_unseen_balanced_accuracy"]).all()
+
+
 def test_a_tied_selection_score_goes_to_the_lower_validation_loss(tmp_path):
     from lesiongen.classifier.checkpoints import TrainerState
     from lesiongen.classifier.train import improves

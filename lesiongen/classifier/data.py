@@ -105,10 +105,6 @@ class SelectionRows:
     unseen: np.ndarray  # bool, one per real validation row: its lesion is no synthetic training image's source
     summary: dict  # saved in classifier.json under training.selection
 
-    @property
-    def is_all(self) -> bool:
-        return bool(self.mask.all())
-
 
 def selection_rows(val: Manifest, table: TrainingTable, rule: str) -> SelectionRows:
     """A mined hard case's variants keep its `group_id`, so some validation lesions may be sources of synthetic

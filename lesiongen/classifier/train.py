@@ -296,13 +296,14 @@ class ClassifierTrainer:
         probs = predict_distributed(self.accelerator, model, self.info, self.val_data.images, loader=self.val_loader)
         model.train()
         labels = self.val_data.labels.cpu()
-        metrics = _panel(probs, labels, self.spec, torch.from_numpy(self.selection.mask))
+        every = _panel(probs, labels, self.spec)
         unseen = self.selection.unseen
-        if unseen.any() and not unseen.all():  # both scores, whichever selects
-            metrics["all_balanced_accuracy"] = _panel(probs, labels, self.spec)["balanced_accuracy"]
-            metrics["unseen_balanced_accuracy"] = _panel(probs, labels, self.spec,
-                                                         torch.from_numpy(unseen))["balanced_accuracy"]
-        return metrics, probs
+        if not unseen.any() or unseen.all():  # no second set to score
+            return every, probs
+        clean = _panel(probs, labels, self.spec, torch.from_numpy(unseen))
+        selected = clean if self.selection.summary["rule"] == "unseen" else every
+        return {**selected, "all_balanced_accuracy": every["balanced_accuracy"],
+                "unseen_balanced_accuracy": clean["balanced_accuracy"]}, probs
 
     # ------------------------------------------------------------------ loop
 

@@ -258,10 +258,11 @@ def input_hashes(config: SynthesisConfig, identity: tuple[str, str | None]) -> d
     """Content hashes of everything a run's images and filters depend on besides its settings: a resumed run
     must find the same files under its paths (a retrained adapter or classifier in the same folder would
     otherwise mix two models' outputs in one manifest)."""
+    from lesiongen.classifier.models import INFO_FILE, MODEL_FILE
     from lesiongen.utils.hashing import sha256_file, sha256_files
 
     def classifier(path: str | None) -> str | None:
-        return sha256_files([Path(path) / "model.safetensors", Path(path) / "classifier.json"]) if path else None
+        return sha256_files([Path(path) / MODEL_FILE, Path(path) / INFO_FILE]) if path else None
 
     base_hash, adapter_digest = identity
     return {"base": base_hash, "adapter": adapter_digest, "classifier": classifier(config.classifier),
