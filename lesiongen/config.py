@@ -66,6 +66,17 @@ def check_finite(obj: Any, prefix: str = "") -> None:
             raise ValueError(f"{prefix}{f.name} must be a finite number, got {value}")
 
 
+# An Adam step size above 1 moves every weight by about its own scale per step (and 1e39 overflows fp32
+# outright): no recipe wants one, so it is refused before any training instead of ending in NaN.
+MAX_LEARNING_RATE = 1.0
+
+
+def check_learning_rate(name: str, value: float) -> None:
+    """ValueError naming the setting unless `value` is a learning rate in (0, MAX_LEARNING_RATE]."""
+    if not 0.0 < value <= MAX_LEARNING_RATE:
+        raise ValueError(f"{name} must be in (0, {MAX_LEARNING_RATE:g}], got {value:g}")
+
+
 class _Mismatch(Exception):
     """A value that does not fit its annotation: where it sits (dotted key, [index]) and what was expected."""
 

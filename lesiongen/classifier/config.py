@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lesiongen.config import check_learning_rate
 from lesiongen.data.manifest import SPLITS
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -133,8 +134,7 @@ class TrainConfig:
                              f"got {self.color_constancy}")
         if self.tta not in TTA_MODES:
             raise ValueError(f"tta must be one of {list(TTA_MODES)}, got {self.tta!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_learning_rate("lr", self.lr)
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0.0 < self.warmup_pct < 1.0:

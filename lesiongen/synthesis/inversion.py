@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
+from lesiongen.config import check_learning_rate
 from lesiongen.synthesis.conditioning import Conditioning, predict_noise
 from lesiongen.synthesis.feature_cache import cached_steps
 from lesiongen.synthesis.latents import decode_to_uint8, psnr, ssim
@@ -62,8 +63,9 @@ class InversionConfig:
             raise ValueError(f"inversion guidance must be >= 1, got {self.guidance}")
         if self.fixed_point_iterations < 0 or self.fixed_point_tolerance < 0:
             raise ValueError("fixed_point_iterations and fixed_point_tolerance must be >= 0")
-        if self.null_text_steps < 0 or self.null_text_lr <= 0:
-            raise ValueError("null_text_steps must be >= 0 and null_text_lr > 0")
+        if self.null_text_steps < 0:
+            raise ValueError(f"null_text_steps must be >= 0, got {self.null_text_steps}")
+        check_learning_rate("null_text_lr", self.null_text_lr)
 
 
 class DDIMSchedule:

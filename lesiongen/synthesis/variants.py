@@ -34,6 +34,7 @@ from typing import Literal
 
 import torch
 
+from lesiongen.config import check_learning_rate
 from lesiongen.errors import InputError
 from lesiongen.synthesis.conditioning import Conditioning
 from lesiongen.synthesis.inversion import DDIMSchedule, Inversion, NoiseCorrection, ddim_sample
@@ -69,8 +70,9 @@ class VariantConfig:
             raise ValueError(f"guidance must be >= 1, got {self.guidance}")
         if not 0.0 <= self.embedding_lambda <= 1.0:
             raise ValueError(f"lambda must be in [0, 1], got {self.embedding_lambda}")
-        if self.embedding_steps < 1 or self.embedding_lr <= 0:
-            raise ValueError("embedding_steps must be >= 1 and embedding_lr > 0")
+        if self.embedding_steps < 1:
+            raise ValueError(f"embedding_steps must be >= 1, got {self.embedding_steps}")
+        check_learning_rate("embedding_lr", self.embedding_lr)
         if self.classifier_guidance < 0 or not 0.0 < self.classifier_target_prob < 1.0:
             raise ValueError("classifier_guidance must be >= 0 and classifier_target_prob in (0, 1)")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lesiongen.config import check_learning_rate
+
 METHODS = ("lora", "ti", "lora+ti", "full")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
@@ -47,8 +49,7 @@ class TokenSettings:
     def __post_init__(self) -> None:
         if self.num_vectors < 1:
             raise ValueError(f"tokens.num_vectors must be >= 1, got {self.num_vectors}")
-        if self.lr <= 0:
-            raise ValueError(f"tokens.lr must be > 0, got {self.lr}")
+        check_learning_rate("tokens.lr", self.lr)
 
 
 @dataclass
@@ -108,7 +109,6 @@ class FinetuneConfig:
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.warmup_steps == 0 or self.lr_scheduler != "constant",
              "warmup_steps > 0 needs lr_scheduler constant_with_warmup, cosine or linear ('constant' has no warmup)"),
@@ -129,6 +129,7 @@ class FinetuneConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_learning_rate("lr", self.lr)
 
     @property
     def trains_lora(self) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lesiongen.config import check_learning_rate
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # Noise schedules (DDIMScheduler settings on top of SD 1.5's). SD's schedule leaves signal at t = T
 # (terminal SNR 0.0047); small latents keep their whole layout in that leftover, so a model trained on it
@@ -34,7 +36,7 @@ class VaeStageConfig:
     def __post_init__(self) -> None:
         _positive(self, "steps", allow_zero=True)
         _positive(self, "batch_size")
-        _positive(self, "learning_rate")
+        check_learning_rate("vae.learning_rate", self.learning_rate)
         if self.crop_size is not None and self.crop_size < 8:
             raise ValueError(f"vae.crop_size must be >= 8 px, got {self.crop_size}")
         if self.kl_weight < 0 or self.perceptual_weight < 0:
@@ -64,7 +66,7 @@ class UnetStageConfig:
     def __post_init__(self) -> None:
         _positive(self, "steps", allow_zero=True)
         _positive(self, "batch_size")
-        _positive(self, "learning_rate")
+        check_learning_rate("unet.learning_rate", self.learning_rate)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"unet.ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.caption_dropout < 1.0:
