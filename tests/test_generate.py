@@ -76,9 +76,14 @@ def test_two_processes_render_the_same_images_as_one(df_images, finetuned_adapte
                  "--out", out, *QUICK, timeout=300)
     assert run.returncode == 0, failure(run)
     assert len(load_manifest(out / "manifest.csv")) == 3
+    # Same seeds give the same images; only float rounding may differ, since the processes run one torch
+    # thread (OMP_NUM_THREADS=1) and batch 1 where the reference ran in this process at batch 2.
     for index in range(3):
         name = f"images/df/df-{index:05d}.png"
-        assert np.array_equal(pixels(out / name), pixels(df_images / name)), name
+        difference = np.abs(pixels(out / name) - pixels(df_images / name))
+        assert difference.max() <= 1 and (difference > 0).mean() < 0.01, (name, difference.max())
+    other_seed = np.abs(pixels(out / "images/df/df-00001.png") - pixels(df_images / "images/df/df-00000.png"))
+    assert other_seed.mean() > 10  # the tolerance is far below what another seed changes
 
 
 def test_free_prompt_is_labelled_by_its_class_token(finetuned_adapter_dir, tmp_path):
