@@ -120,6 +120,17 @@ def test_save_load_round_trip_and_initialise_from_a_classifier(tmp_path):
         create_classifier("resnet10t", 7, str(tmp_path / "clf"))
 
 
+def test_a_compiled_model_saves_the_keys_of_its_module(tmp_path):
+    """`train-classifier --compile` saves a torch.compile wrapper (accelerate's unwrap keeps it by default);
+    its weights must load into the plain architecture. Wrapping compiles nothing until a forward runs."""
+    model = trained_like_model()
+    info = ClassifierInfo("test_efficientnet", CLASSES, 32, (0.5,) * 3, (0.5,) * 3, load_size=48)
+    save_classifier(torch.compile(model), info, tmp_path / "clf")
+    loaded, _ = load_classifier(tmp_path / "clf")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
 def test_load_refuses_a_folder_that_is_not_a_classifier(tmp_path):
     with pytest.raises(InputError, match="not a trained classifier"):
         load_classifier(tmp_path)

@@ -181,6 +181,7 @@ def save_classifier(model: nn.Module, info: ClassifierInfo, folder: str | os.Pat
     from safetensors.torch import save_file
 
     folder = Path(folder)
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: its keys would gain '_orig_mod.'
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(folder / MODEL_FILE) as tmp:
         save_file(state, str(tmp), metadata={"arch": info.arch, "format": "pt"})

@@ -388,7 +388,7 @@ class ClassifierTrainer:
                                                     "val_balanced_accuracy": score,
                                                     "val_unseen_balanced_accuracy": metrics.get(
                                                         "unseen_balanced_accuracy")})
-                save_classifier(acc.unwrap_model(self.model), info, self.out_dir)
+                save_classifier(acc.unwrap_model(self.model, keep_torch_compile=False), info, self.out_dir)
         else:
             state.epochs_without_improvement += 1
         row = {"epoch": state.epoch + 1, "step": state.global_step, "lr": self.scheduler.get_last_lr()[0],
@@ -420,7 +420,7 @@ class ClassifierTrainer:
         acc.wait_for_everyone()
         probs = self.best_val_probs
         if probs is None:  # the best epoch was before a resume: score the saved best model again
-            model = acc.unwrap_model(self.model)
+            model = acc.unwrap_model(self.model, keep_torch_compile=False)  # the saved keys have no _orig_mod.
             model.load_state_dict(load_file(str(self.out_dir / MODEL_FILE)))  # copied onto the device
             probs = predict_distributed(acc, model, self.info, self.val_data.images, loader=self.val_loader)
         if acc.is_main_process:
