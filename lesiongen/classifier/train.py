@@ -107,14 +107,16 @@ class ClassifierTrainer:
 
     def __init__(self, config: TrainConfig, out_dir: str | os.PathLike, *, resume: str | None = None,
                  overwrite: bool = False) -> None:
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
+
+        from lesiongen.utils.distributed import stage_accelerator
 
         if not config.manifest:
             raise InputError("--manifest is required (the real manifest with train and val splits)")
         self.config, self.out_dir = config, Path(out_dir)
         mixed_precision = resolve_mixed_precision(config.mixed_precision, _launch_device())
-        self.accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=config.grad_accum)
+        self.accelerator = stage_accelerator(mixed_precision=mixed_precision,
+                                             gradient_accumulation_steps=config.grad_accum)
         self.checkpoint = resolve_resume(self.out_dir, resume) if resume else None
         if self.checkpoint is not None:
             check_checkpoint(self.checkpoint, resume)

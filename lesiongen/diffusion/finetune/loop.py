@@ -107,13 +107,13 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- setup
     def setup(self) -> Trainer:
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
         from diffusers import DDPMScheduler
 
         from lesiongen.diffusion.fingerprint import pipeline_hash
         from lesiongen.diffusion.info import native_resolution
         from lesiongen.diffusion.loading import load_pipeline
+        from lesiongen.utils.distributed import stage_accelerator
 
         config = self.config
         set_seed(config.seed)  # LoRA initialisation and dropout draw from the global generators
@@ -121,9 +121,9 @@ class Trainer:
         self.data = TrainingSet.from_manifest(config.manifest, self.prompts)  # fail fast, before the base loads
         self.captions = CaptionSampler(self.prompts, self.data.labels, self.data.rows, config.caption_dropout)
         precision, self.weight_dtype = resolve_precision(config.mixed_precision)
-        self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=config.grad_accum,
-                                       log_with="tensorboard" if config.tensorboard else None,
-                                       project_dir=str(self.out_dir))
+        self.accelerator = stage_accelerator(mixed_precision=precision, gradient_accumulation_steps=config.grad_accum,
+                                             log_with="tensorboard" if config.tensorboard else None,
+                                             project_dir=str(self.out_dir))
         self.pipe = load_pipeline(config.base, allow_pickle=config.allow_pickle)
         self.pipe.set_progress_bar_config(disable=True)
         self.base_hash = pipeline_hash(config.base)
