@@ -66,15 +66,17 @@ def check_finite(obj: Any, prefix: str = "") -> None:
             raise ValueError(f"{prefix}{f.name} must be a finite number, got {value}")
 
 
-# An Adam step size above 1 moves every weight by about its own scale per step (and 1e39 overflows fp32
-# outright): no recipe wants one, so it is refused before any training instead of ending in NaN.
-MAX_LEARNING_RATE = 1.0
+# The largest float32: optimizers turn the rate into an fp32 value, and 1e39 (finite for Python) ended in a raw
+# "value cannot be converted to type float without overflow". A rate that is merely too high is left to
+# training, whose divergence check names the step and the last good checkpoint.
+MAX_LEARNING_RATE = 3.4028234663852886e38
 
 
 def check_learning_rate(name: str, value: float) -> None:
-    """ValueError naming the setting unless `value` is a learning rate in (0, MAX_LEARNING_RATE]."""
+    """ValueError naming the setting unless `value` is a positive learning rate an fp32 step can hold."""
     if not 0.0 < value <= MAX_LEARNING_RATE:
-        raise ValueError(f"{name} must be in (0, {MAX_LEARNING_RATE:g}], got {value:g}")
+        raise ValueError(f"{name} must be a positive number no larger than {MAX_LEARNING_RATE:.3g} (the largest "
+                         f"float32), got {value:g}")
 
 
 class _Mismatch(Exception):
