@@ -151,6 +151,10 @@ def test_fast_renderer_matches_the_plain_pipeline(finetuned_adapter_dir, tiny_pi
     fast.set_progress_bar_config(disable=True)
     set_scheduler(fast, "ddim")
     assert not getattr(fast.unet, "peft_config", None)  # LoRA folded into the weights
+    assert any("to_qkv" in name for name, _ in fast.unet.named_parameters())  # fused projections
+    trainable = [name for module in (fast.unet, fast.vae, fast.text_encoder)
+                 for name, p in module.named_parameters() if p.requires_grad]
+    assert not trainable, trainable[:3]  # null-text and embedding fits must not compute weight gradients
     renderer = Renderer(fast, GenerationSettings(steps=3, guidance=5.0, scheduler="ddim"), prompts.negative_prompt, 32)
     ours = renderer(requests).float() / 255
     assert (ours - expected).abs().max() <= 1 / 255 + 1e-3  # uint8 rounding

@@ -94,6 +94,10 @@ def optimize_for_inference(pipe, *, fuse: bool = True, compile: bool = False):
             pipe.fuse_lora()
             pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA branches
         pipe.fuse_qkv_projections()
+    # Frozen last: fusing makes new to_qkv / to_kv layers that require grad, and mine-and-generate's null-text
+    # and embedding fits run autograd through the UNet (weight gradients computed, kept and never zeroed).
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
     if pipe.device.type == "cuda":
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)

@@ -167,10 +167,9 @@ def load_generator(config: SynthesisConfig, device: torch.device, identity: tupl
     pipe = load_adapted_pipeline(config.base, config.adapter, allow_pickle=config.allow_pickle, torch_dtype=dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)  # only embeddings are ever optimised here
     cached = config.feature_cache > 1
-    optimize_for_inference(pipe, fuse=True, compile=config.compile and not cached)
+    optimize_for_inference(pipe, fuse=True, compile=config.compile and not cached)  # freezes every weight: only
+    # embeddings are ever optimised here
     unet = FeatureCachedUNet(pipe.unet, config.feature_cache, compile=config.compile) if cached else pipe.unet
     return Generator(pipe, unet, DDIMSchedule(pipe.scheduler.config, config.inversion.steps, device),
                      load_prompts(prompt_file), pipeline_resolution(pipe), device, dtype, base_hash, adapter_digest,
