@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from launch_support import failure, launch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -166,6 +167,20 @@ def test_a_run_diverging_before_its_first_good_checkpoint_says_to_start_again(ti
     assert not out.exists()  # nothing good to resume: the failed start leaves no folder to block the rerun
 
 
+def test_two_processes_stop_together_at_a_divergence(tiny_pipeline_dir, toy_manifest, tmp_path):
+    """Every process judges the losses of all of them: a process that stopped alone would leave the other
+    waiting in the next gradient all-reduce. Both name the step; the good checkpoint is kept."""
+    out = tmp_path / "diverged"
+    common = ["--base", tiny_pipeline_dir, "--manifest", toy_manifest, "--out", out, "--method", "lora",
+              "--batch-size", "2", "--checkpoint-every", "1", "--log-every", "1", "--validate-every", "0"]
+    assert finetune(*common, "--lr", "1e-4", "--steps", "2").exit_code == 0  # in this process: quicker
+    run = launch("finetune", *common, "--lr", "1e30", "--steps", "6", "--resume", "latest", timeout=300)
+    assert run.returncode != 0, failure(run)
+    output = run.stdout + run.stderr
+    assert output.count("training diverged: the loss became nan at step 4") == 2, failure(run)  # one per process
+    assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-3.diverged").is_dir()
+
+
 def test_bad_flag_values_are_rejected_before_any_work(tmp_path):
     result = finetune("--base", "b", "--manifest", tmp_path / "m.csv", "--method", "dreambooth")
     assert result.exit_code == 2 and "dreambooth" in result.output
@@ -182,6 +197,8 @@ def test_flags_that_would_change_nothing_are_refused(tiny_pipeline_dir, toy_mani
     if not torch.cuda.is_available():
         result = finetune(*common, "--mixed-precision", "fp16")
         assert result.exit_code == 2 and "--mixed-precision fp16 needs a CUDA GPU" in result.output
+        result = finetune(*common, "--method", "lora+ti", "--mixed-precision", "bf16")
+        assert result.exit_code == 2 and "bf16 on the CPU trains only the UNet's LoRA" in result.output
     if importlib.util.find_spec("tensorboard") is None:
         result = finetune(*common, "--tensorboard")
         assert result.exit_code == 2 and "--tensorboard needs the tensorboard package" in result.output

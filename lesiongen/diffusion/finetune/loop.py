@@ -47,12 +47,19 @@ class TrainingDivergedError(LesiongenError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
-def resolve_precision(setting: str) -> tuple[str, torch.dtype]:
-    """accelerate's mixed-precision name and the dtype frozen weights run in."""
+def resolve_precision(setting: str, *, text_side_trains: bool = False) -> tuple[str, torch.dtype]:
+    """accelerate's mixed-precision name and the dtype frozen weights run in (`text_side_trains`: class
+    tokens or a text-encoder LoRA learn, so fp32 embeddings meet the bf16 text encoder)."""
     from lesiongen.errors import InputError
 
-    if setting == "fp16" and not torch.cuda.is_available():  # CPU fp16 convolutions fail mid-run
-        raise InputError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this device")
+    if not torch.cuda.is_available():
+        if setting == "fp16":  # CPU fp16 convolutions fail mid-run
+            raise InputError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this device")
+        if setting == "bf16" and text_side_trains:
+            # CUDA autocast runs layer_norm in fp32; CPU autocast leaves it to the bf16 weights, which then
+            # meet the fp32 token embeddings at the first step ("mixed dtype (CPU)")
+            raise InputError("--mixed-precision bf16 on the CPU trains only the UNet's LoRA (--method lora "
+                             "without --text-encoder-lora); use --mixed-precision no to train class tokens here")
     if setting == "auto":
         if not torch.cuda.is_available():
             setting = "no"
@@ -120,7 +127,8 @@ class Trainer:
         self.prompts: PromptSet = load_prompts(config.prompts)
         self.data = TrainingSet.from_manifest(config.manifest, self.prompts)  # fail fast, before the base loads
         self.captions = CaptionSampler(self.prompts, self.data.labels, self.data.rows, config.caption_dropout)
-        precision, self.weight_dtype = resolve_precision(config.mixed_precision)
+        precision, self.weight_dtype = resolve_precision(config.mixed_precision,
+                                                          text_side_trains=not config.text_side_frozen)
         self.accelerator = stage_accelerator(mixed_precision=precision, gradient_accumulation_steps=config.grad_accum,
                                              log_with="tensorboard" if config.tensorboard else None,
                                              project_dir=str(self.out_dir))
@@ -310,21 +318,25 @@ class Trainer:
         return self.state
 
     def _flush(self, last_checkpoint: int | None, images_per_second: float | None = None) -> None:
-        """Check the pending losses for NaN / inf (one device sync) and log their mean."""
+        """Check the pending losses of every process for NaN / inf (one device sync) and log their mean."""
         if not self._pending:
             return
         steps = [s for s, _ in self._pending]
-        values = torch.stack([v for _, v in self._pending]).float().cpu()
+        local = torch.stack([v for _, v in self._pending]).float()
         self._pending.clear()
-        bad = (~torch.isfinite(values)).nonzero()
+        # Every process judges every process's losses: one that stopped alone would leave the others waiting
+        # in the next gradient all-reduce until the collective's timeout.
+        values = self.accelerator.gather(local).reshape(self.accelerator.num_processes, -1).cpu()
+        bad = (~torch.isfinite(values)).any(0).nonzero()
         if len(bad):
-            step = steps[bad[0, 0]]
+            first = bad[0, 0].item()
+            step, value = steps[first], values[:, first][~torch.isfinite(values[:, first])][0].item()
             good = self._set_aside_diverged_checkpoints(step)
             where = (f"{good.name} in {self.out_dir} is the last good checkpoint; resume from it with --resume "
                      "latest and a lower --lr" if good is not None else
                      "no checkpoint from before the divergence is left: start again with a lower --lr")
             raise TrainingDivergedError(
-                f"training diverged: the loss became {values[bad[0, 0]].item()} at step {step}; {where}. "
+                f"training diverged: the loss became {value} at step {step}; {where}. "
                 f"Lower --lr (now {self.config.lr}), keep max_grad_norm set, or use bf16 instead of fp16")
         entry = {"step": steps[-1], "loss": values.mean().item(), "lr": self.lr_scheduler.get_last_lr()[0]}
         if images_per_second is not None:
@@ -343,7 +355,7 @@ class Trainer:
                     aside = checkpoint.with_name(checkpoint.name + ".diverged")
                     shutil.rmtree(aside, ignore_errors=True)
                     checkpoint.rename(aside)
-        # no barrier: another process may see its own bad loss a flush later
+        self.accelerator.wait_for_everyone()  # every process reaches this at the same step (`_flush` gathers)
         left = [c for c in checkpoints.list_checkpoints(self.out_dir) if checkpoints.checkpoint_step(c) < bad_step - 1]
         return left[-1] if left else None
 

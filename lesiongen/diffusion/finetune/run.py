@@ -97,7 +97,8 @@ def run_finetune(config: FinetuneConfig, *, resume: str | None = None, overwrite
     from lesiongen.diffusion.finetune.loop import Trainer, resolve_precision
     from lesiongen.utils.distributed import process_state
 
-    resolve_precision(config.mixed_precision)  # fp16 without a GPU fails here, not after the training
+    # fp16 without a GPU fails here, not after the training
+    resolve_precision(config.mixed_precision, text_side_trains=not config.text_side_frozen)
     if config.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise InputError("--tensorboard needs the tensorboard package, which is not installed "
                          "(pip install tensorboard), or leave the flag out")
