@@ -54,7 +54,8 @@ def resolve_precision(setting: str, *, text_side_trains: bool = False) -> tuple[
 
     if not torch.cuda.is_available():
         if setting == "fp16":  # CPU fp16 convolutions fail mid-run
-            raise InputError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on this device")
+            raise InputError("--mixed-precision fp16 needs a CUDA GPU; use no on this device "
+                             "(or bf16 with --method lora)")
         if setting == "bf16" and text_side_trains:
             # CUDA autocast runs layer_norm in fp32; CPU autocast leaves it to the bf16 weights, which then
             # meet the fp32 token embeddings at the first step ("mixed dtype (CPU)")
