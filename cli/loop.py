@@ -72,7 +72,13 @@ def _removed_on_failure(started: tuple[Path, bool] | None):
 
 def _create_run(config: str, out: Path | None, seeds: int | None, rounds: int | None, sets: list[str],
                 overwrite: bool) -> tuple[Path, tuple[Path, bool]]:
-    from lesiongen.loop.config import absolute_paths, config_path, load_loop_config, parse_set_options
+    from lesiongen.loop.config import (
+        absolute_paths,
+        check_input_paths,
+        config_path,
+        load_loop_config,
+        parse_set_options,
+    )
     from lesiongen.loop.run import create_run
 
     overrides = parse_set_options(sets)
@@ -82,6 +88,7 @@ def _create_run(config: str, out: Path | None, seeds: int | None, rounds: int | 
         overrides["rounds"] = rounds
     path = config_path(config)
     resolved = absolute_paths(load_loop_config(path, overrides), Path.cwd())
+    check_input_paths(resolved, str(path), overrides)
     run_dir = out or DEFAULT_RUNS / path.stem
     was_empty = run_dir.is_dir() and not any(run_dir.iterdir())
     create_run(resolved, run_dir, overwrite=overwrite)

@@ -45,6 +45,10 @@ def test_seeds_count_and_canonical_arm_order():
     ({"synthesis": {"variants": {"strength": 1.5}}}, "synthesis.variants: strength must be in (0, 1]"),
     ({"synthesis": {"out": "x"}}, "synthesis.out is set by the loop"),
     ({"rare_classes": {"xyz": 5}}, "rare_classes names unknown class(es) ['xyz']"),
+    ({"mining": {"per_class_quota": {"mle": 3}}},
+     "--set mining.per_class_quota: mining.per_class_quota names unknown class(es) ['mle']"),
+    ({"mining": {"confusion_weights": {"mel<->nevus": 2.0}}},
+     "--set mining.confusion_weights: mining.confusion_weights names unknown class(es) ['nevus']"),
     ({"arms": ["real", "random"]}, "arms must include 'real' and 'mined'"),
     ({"mining": {"split": "test"}}, "--set mining.allow_test_mining=true"),
     ({"mining": {"split": "test", "allow_test_mining": True}},
@@ -136,6 +140,13 @@ def test_loop_cli_errors(tmp_path):
     bad = runner.invoke(app, ["loop", "--config", "demo", "--out", str(tmp_path / "r"), "--set", "rounds=0"])
     assert bad.exit_code == 2 and "rounds must be an integer >= 1" in bad.output
     assert not (tmp_path / "r").exists()  # validated before anything is written
+    # a missing input fails before the run folder exists: the corrected command then just works
+    for key, flag in (("base.path", ["--set", "base.asset=null"]), ("data.source", ["--set", "data.toy=null"])):
+        result = runner.invoke(app, ["loop", "--config", "demo", "--out", str(tmp_path / "r"), *flag,
+                                     "--set", f"{key}={tmp_path / 'nowhere'}"])
+        assert result.exit_code == 2, result.output
+        assert f"--set {key}: {key} '{tmp_path / 'nowhere'}': no such file or folder" in " ".join(result.output.split())
+        assert not (tmp_path / "r").exists()
 
 
 def test_model_key_paths(tmp_path):

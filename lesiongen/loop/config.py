@@ -269,18 +269,53 @@ def load_loop_config(path: str | os.PathLike | None = None, overrides: dict[str,
         if owned:
             raise InputError(f"{where}: {section}.{owned[0]} is set by the loop for every stage; remove it")
     config = from_dict(LoopConfig, data, where=where, flags=overrides, flag_names=lambda key: f"--set {key}")
-    check_classes(config, where)
+    check_classes(config, where, overrides or {})
     return config
 
 
-def check_classes(config: LoopConfig, where: str) -> None:
-    """Class names in the config must be classes of the prompt file (caught before any training)."""
+def _origin(key: str, overrides: dict[str, Any], where: str) -> str:
+    """`--set KEY` when a command-line override set the dotted key, else the config file it came from."""
+    node: Any = overrides
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return where
+        node = node[part]
+    return f"--set {key}"
+
+
+def check_classes(config: LoopConfig, where: str, overrides: dict[str, Any] | None = None) -> None:
+    """Class names in the config must be classes of the prompt file: caught before any training, not at the
+    stage that first reads them (mining comes after the adaptation and the round-0 classifiers)."""
     from lesiongen.data.prompts import load_prompts
+    from lesiongen.synthesis.mining import parse_confusion_key
 
     classes = load_prompts(config.data.prompts).class_names
-    unknown = sorted(set(config.rare_classes) - set(classes))
-    if unknown:
-        raise InputError(f"{where}: rare_classes names unknown class(es) {unknown}; classes are {classes}")
+    quota = config.mining.per_class_quota
+    pairs = [(key, parse_confusion_key(key)) for key in config.mining.confusion_weights or {}]
+    named = {
+        "rare_classes": set(config.rare_classes),
+        "mining.per_class_quota": set(quota) if isinstance(quota, dict) else set(),
+        "mining.confusion_weights": {c for _, found in pairs for pair in found for c in pair},
+    }
+    for key, names in named.items():
+        unknown = sorted(names - set(classes))
+        if unknown:
+            raise InputError(f"{_origin(key, overrides or {}, where)}: {key} names unknown class(es) {unknown}; "
+                             f"classes are {classes}")
+
+
+def check_input_paths(config: LoopConfig, where: str, overrides: dict[str, Any] | None = None) -> None:
+    """The local inputs must exist before the run folder is made: a stage that found one missing would leave
+    finished stages behind, and a run folder that only --overwrite could restart with the corrected path."""
+    from lesiongen.diffusion.loading import hub_offline, looks_like_hub_id
+
+    for key, value in (("data.source", config.data.source), ("data.manifest", config.data.manifest),
+                       ("base.path", config.base.path)):
+        if value is None or Path(value).expanduser().exists():
+            continue
+        if key == "base.path" and looks_like_hub_id(value) and not hub_offline():
+            continue  # downloaded by the base stage
+        raise InputError(f"{_origin(key, overrides or {}, where)}: {key} {value!r}: no such file or folder")
 
 
 def parse_set_options(items: list[str]) -> dict[str, Any]:
