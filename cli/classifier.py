@@ -87,10 +87,11 @@ def resolve_train_config(config_file: Path | None, overrides: dict, out: Path, r
     from lesiongen.classifier.config import TrainConfig
     from lesiongen.classifier.train import CONFIG_FILE
     from lesiongen.config import from_dict, load_yaml, merge, to_dict
+    from lesiongen.utils.outdir import resumed_config
 
-    saved = out / CONFIG_FILE
+    saved = resumed_config(out, "classifier", CONFIG_FILE) if resume is not None else None
     flags = {key: value for key, value in overrides.items() if value is not None}  # errors name these flags
-    if resume is not None and saved.is_file():
+    if saved is not None:
         base, where = load_yaml(saved), str(saved)
         if config_file is not None:
             base = merge(base, load_yaml(config_file))

@@ -190,6 +190,35 @@ def test_overwrite_replaces_only_output_folders_of_the_same_kind(tmp_path):
     assert check_out_dir(tmp_path / "new", "classifier") == "missing"
 
 
+def test_resume_refuses_another_commands_folder_before_reading_its_config(tmp_path, capsys):
+    """`--resume latest` on a classifier folder given to finetune (and so on) names what the folder is,
+    instead of listing the other command's config keys as unknown ones."""
+    from lesiongen.cli.classifier import resolve_train_config
+    from lesiongen.diffusion.finetune import resolve_config as resolve_finetune
+    from lesiongen.diffusion.pretrain.run import resolve_config as resolve_pretrain
+    from lesiongen.utils.outdir import write_marker
+
+    folders = {}
+    for kind, keys in (("classifier", "arch: resnet18\nepochs: 3\n"), ("finetune", "method: lora\nsteps: 4\n")):
+        folders[kind] = tmp_path / kind
+        folders[kind].mkdir()
+        (folders[kind] / "config.yaml").write_text(keys)
+        write_marker(folders[kind], kind, complete=False)
+    calls = {
+        "finetune": lambda out: resolve_finetune({"base": "b", "manifest": "m", "out": str(out)}, resume="latest"),
+        "base pretraining": lambda out: resolve_pretrain(None, {}, out, "latest"),
+        "classifier training": lambda out: resolve_train_config(None, {"manifest": "m"}, out, "latest"),
+    }
+    for title, call in calls.items():
+        other = folders["finetune" if title != "finetune" else "classifier"]
+        with pytest.raises(OutputExistsError, match=f"is not an? {title} output folder made by lesiongen") as err:
+            call(other)
+        assert "unknown key" not in str(err.value)
+        capsys.readouterr()
+        call(tmp_path / "mistyped")  # nothing to resume: a new run, said out loud
+        assert f"mistyped holds no {title} run to resume; starting a new one there" in capsys.readouterr().err
+
+
 def test_a_failed_start_removes_what_it_created_unless_resumable(tmp_path):
     from lesiongen.utils.outdir import OutputFolder, is_unfinished
 

@@ -127,6 +127,19 @@ def check_out_dir(path: str | os.PathLike, kind: str, *, flag: str = "--out") ->
                             f"{flag} or remove it yourself")
 
 
+def resumed_config(path: str | os.PathLike, kind: str, file_name: str = "config.yaml") -> Path | None:
+    """The saved config a `--resume` continues from, or None when `path` holds no run yet. A folder that
+    another command made is refused before its config is read (its keys would read as unknown ones)."""
+    saved = Path(path) / file_name
+    if not saved.is_file() or check_out_dir(path, kind) != "own":
+        if os.environ.get("RANK", "0") == "0":  # said once under `accelerate launch`
+            # not an error (a chain of short jobs starts this way), but a mistyped --out should not go unseen
+            print(f"note: {path} holds no {KINDS[kind].title} run to resume; starting a new one there",
+                  file=sys.stderr)
+        return None
+    return saved
+
+
 def check_replaceable(path: str | os.PathLike, kind: str, overwrite: bool, *, what: str = "output",
                       flag: str = "--out") -> Path:
     """For outputs written as a whole (atomic_dir): missing, empty, or an own folder with --overwrite."""

@@ -11,7 +11,7 @@ from lesiongen.config import from_dict, load_yaml, save_config, to_dict
 from lesiongen.diffusion.finetune.config import RESUME_LOCKED, FinetuneConfig
 from lesiongen.errors import InputError, OutputExistsError
 from lesiongen.utils.atomic import write_json
-from lesiongen.utils.outdir import OutputFolder, mark_complete, write_marker
+from lesiongen.utils.outdir import OutputFolder, mark_complete, resumed_config, write_marker
 
 CONFIG_FILE = "config.yaml"
 TRAIN_LOG_FILE = "train_log.json"
@@ -25,8 +25,8 @@ def resolve_config(overrides: dict, *, config_file: str | None = None, resume: s
     overrides = _given(overrides)
     base: dict = {}
     out = overrides.get("out")
-    saved = Path(out) / CONFIG_FILE if out else None
-    if resume and saved is not None and saved.is_file():
+    saved = resumed_config(out, "finetune", CONFIG_FILE) if resume and out else None
+    if saved is not None:
         base = load_yaml(saved)
     if config_file:
         base = _overlay(base, load_yaml(config_file))

@@ -19,7 +19,7 @@ from lesiongen.diffusion.pretrain.trainer import CONFIG_FILE, Pretrainer, Pretra
 from lesiongen.errors import InputError, OutputExistsError
 from lesiongen.utils.atomic import readable_by_umask, write_json
 from lesiongen.utils.device import resolve_device
-from lesiongen.utils.outdir import OutputFolder, is_unfinished
+from lesiongen.utils.outdir import OutputFolder, is_unfinished, resumed_config
 
 # Config fields a resumed run may change; anything else would make the checkpoint mean something else.
 RESUMABLE_CHANGES = {"vae.steps", "unet.steps", "log_every", "sample_every", "samples_per_class", "sample_steps",
@@ -165,8 +165,8 @@ def resolve_config(config_file: str | Path | None, overrides: dict, out: Path, r
     from lesiongen.config import from_dict, load_yaml, merge
 
     overrides = _drop_none(overrides)
-    saved = Path(out) / CONFIG_FILE
-    if resume is not None and saved.is_file():
+    saved = resumed_config(out, "pretrain", CONFIG_FILE) if resume is not None else None
+    if saved is not None:
         base, where = load_yaml(saved), str(saved)
         if config_file is not None:
             base = merge(base, load_yaml(config_file))
