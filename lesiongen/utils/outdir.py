@@ -131,7 +131,11 @@ def resumed_config(path: str | os.PathLike, kind: str, file_name: str = "config.
     """The saved config a `--resume` continues from, or None when `path` holds no run yet. A folder that
     another command made is refused before its config is read (its keys would read as unknown ones)."""
     saved = Path(path) / file_name
-    if not saved.is_file() or check_out_dir(path, kind) != "own":
+    marked = (read_marker(path) or {}).get("kind")
+    if marked in KINDS and marked != kind:
+        check_out_dir(path, kind)  # refuses, naming what the folder is (only a marker is sure: a crashed run's
+        # checkpoint-N/ + config.yaml match several kinds' signatures)
+    if not saved.is_file():
         if os.environ.get("RANK", "0") == "0":  # said once under `accelerate launch`
             # not an error (a chain of short jobs starts this way), but a mistyped --out should not go unseen
             print(f"note: {path} holds no {KINDS[kind].title} run to resume; starting a new one there",
