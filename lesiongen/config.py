@@ -52,6 +52,13 @@ def from_dict(cls: type[T], data: Mapping, *, where: str = "config", flags: Mapp
     return _build(cls, data, _Source(where, flags or {}, flag_names or {}), ())
 
 
+def value_origin(dotted: str, *, where: str, flags: Mapping,
+                 flag_names: Mapping[str, str] | Callable[[str], str] | None = None) -> str:
+    """What an error about the value at a dotted key should name when a check after `from_dict` finds it wrong:
+    the flag that set it (as `from_dict` names flags), else `where`."""
+    return _Source(where, flags, flag_names or {}).flag(tuple(dotted.split(".")), section=True) or where
+
+
 # Opt-in for a float field that may be infinite: `x: float = field(default=..., metadata=ALLOW_INF)`.
 ALLOW_INF = {"allow_inf": True}
 

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from lesiongen.classifier.config import TrainConfig
-from lesiongen.config import from_dict, load_yaml, merge, to_dict
+from lesiongen.config import from_dict, load_yaml, merge, to_dict, value_origin
 from lesiongen.data.manifest import SPLITS
 from lesiongen.diffusion.finetune.config import FinetuneConfig
 from lesiongen.diffusion.pretrain.config import PretrainConfig
@@ -268,19 +268,18 @@ def load_loop_config(path: str | os.PathLike | None = None, overrides: dict[str,
         owned = sorted(set(_at(data, section)) & set(keys))
         if owned:
             raise InputError(f"{where}: {section}.{owned[0]} is set by the loop for every stage; remove it")
-    config = from_dict(LoopConfig, data, where=where, flags=overrides, flag_names=lambda key: f"--set {key}")
+    config = from_dict(LoopConfig, data, where=where, flags=overrides, flag_names=_set_flag)
     check_classes(config, where, overrides or {})
     return config
 
 
+def _set_flag(key: str) -> str:
+    return f"--set {key}"
+
+
 def _origin(key: str, overrides: dict[str, Any], where: str) -> str:
     """`--set KEY` when a command-line override set the dotted key, else the config file it came from."""
-    node: Any = overrides
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return where
-        node = node[part]
-    return f"--set {key}"
+    return value_origin(key, where=where, flags=overrides, flag_names=_set_flag)
 
 
 def check_classes(config: LoopConfig, where: str, overrides: dict[str, Any] | None = None) -> None:
@@ -291,11 +290,11 @@ def check_classes(config: LoopConfig, where: str, overrides: dict[str, Any] | No
 
     classes = load_prompts(config.data.prompts).class_names
     quota = config.mining.per_class_quota
-    pairs = [(key, parse_confusion_key(key)) for key in config.mining.confusion_weights or {}]
     named = {
         "rare_classes": set(config.rare_classes),
         "mining.per_class_quota": set(quota) if isinstance(quota, dict) else set(),
-        "mining.confusion_weights": {c for _, found in pairs for pair in found for c in pair},
+        "mining.confusion_weights": {name for key in config.mining.confusion_weights or {}
+                                     for pair in parse_confusion_key(key) for name in pair},
     }
     for key, names in named.items():
         unknown = sorted(names - set(classes))

@@ -168,8 +168,8 @@ def load_generator(config: SynthesisConfig, device: torch.device, identity: tupl
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     cached = config.feature_cache > 1
-    optimize_for_inference(pipe, fuse=True, compile=config.compile and not cached)  # freezes every weight: only
-    # embeddings are ever optimised here
+    # also freezes every weight: only embeddings are ever optimised here
+    optimize_for_inference(pipe, fuse=True, compile=config.compile and not cached)
     unet = FeatureCachedUNet(pipe.unet, config.feature_cache, compile=config.compile) if cached else pipe.unet
     return Generator(pipe, unet, DDIMSchedule(pipe.scheduler.config, config.inversion.steps, device),
                      load_prompts(prompt_file), pipeline_resolution(pipe), device, dtype, base_hash, adapter_digest,

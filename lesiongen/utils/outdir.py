@@ -132,9 +132,9 @@ def resumed_config(path: str | os.PathLike, kind: str, file_name: str = "config.
     another command made is refused before its config is read (its keys would read as unknown ones)."""
     saved = Path(path) / file_name
     marked = (read_marker(path) or {}).get("kind")
+    # Only a marker is sure: a crashed run's checkpoint-N/ + config.yaml match several kinds' signatures.
     if marked in KINDS and marked != kind:
-        check_out_dir(path, kind)  # refuses, naming what the folder is (only a marker is sure: a crashed run's
-        # checkpoint-N/ + config.yaml match several kinds' signatures)
+        check_out_dir(path, kind)  # raises, naming what the folder is
     if not saved.is_file():
         if os.environ.get("RANK", "0") == "0":  # said once under `accelerate launch`
             # not an error (a chain of short jobs starts this way), but a mistyped --out should not go unseen
