@@ -138,3 +138,22 @@ def test_cli_index_then_check_on_ham_layout(toy_data_dir, tmp_path):
     result = runner.invoke(app, ["data", "check", str(out)])
     assert result.exit_code == 0, result.output
     assert "PASSED" in result.output
+
+
+def test_ham_metadata_without_dx_is_named_not_mistaken_for_an_imagefolder(toy_data_dir, tmp_path):
+    source = make_ham_layout(toy_data_dir, tmp_path / "ham")
+    metadata = source / "HAM10000_metadata.csv"
+    pd.read_csv(metadata).drop(columns=["dx"]).to_csv(metadata, index=False)
+    out = tmp_path / "m" / "manifest.csv"
+    result = runner.invoke(app, ["data", "index", str(source), "--out", str(out)])
+    assert result.exit_code != 0
+    assert "HAM10000_metadata.csv" in result.output and "'dx'" in result.output
+    assert "--format imagefolder" in result.output and not out.exists()
+    # The way out the message offers works where the subfolders are classes and the CSV is a side file.
+    folder = tmp_path / "by_class"
+    shutil.copytree(toy_data_dir / "images", folder)
+    pd.DataFrame({"image_id": ["x"], "age": ["50"]}).to_csv(folder / "extra.csv", index=False)
+    assert runner.invoke(app, ["data", "index", str(folder), "--out", str(out)]).exit_code != 0
+    result = runner.invoke(app, ["data", "index", str(folder), "--out", str(out), "--format", "imagefolder"])
+    assert result.exit_code == 0, result.output
+    assert sorted(set(load_manifest(out).df["label"])) == HAM_CLASSES

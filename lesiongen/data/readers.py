@@ -77,6 +77,17 @@ def _has_class_subfolders(folder: Path) -> bool:
     return any(d.is_dir() and not d.name.startswith(".") and holds_images(d) for d in folder.iterdir())
 
 
+def _reject_near_miss_tables(folder: Path) -> None:
+    """A label table short of one column must not fall through to ImageFolder detection: HAM10000's
+    part folders would then become the classes and the error would blame those, not the table."""
+    for path in sorted(folder.glob("*.csv")):
+        header = _csv_header(path)
+        if "image_id" in header and "dx" not in header:
+            raise InputError(f"{path}: looks like HAM10000 metadata (it has 'image_id') but has no 'dx' "
+                             f"(diagnosis) column; found {header}. Add the column, or pass --format "
+                             "imagefolder if the class subfolders are the labels")
+
+
 def detect_format(source: str | os.PathLike) -> tuple[str, Path]:
     """The layout of `source` (a folder or a CSV) and the file that defines it (the folder for ImageFolder)."""
     source = Path(source)
@@ -98,6 +109,7 @@ def detect_format(source: str | os.PathLike) -> tuple[str, Path]:
         listing = ", ".join(f"{p.name} ({fmt})" for fmt, p in found)
         raise InputError(f"{source}: several CSV files look like label tables ({listing}); pass the one to use "
                          "as SOURCE or choose with --format")
+    _reject_near_miss_tables(source)
     if _has_class_subfolders(source):
         return "imagefolder", source
     raise InputError(f"{source}: cannot tell the layout: no labels.csv, HAM10000 metadata csv, ISIC 2019 "
