@@ -32,7 +32,8 @@ def main() -> None:
     parser.add_argument("--copy-to", type=Path, default=None, help=f"folder for {', '.join(BROUGHT_BACK)}")
     args = parser.parse_args()
 
-    from lesiongen.loop.config import absolute_paths, config_path, load_loop_config, parse_set_options
+    from lesiongen.config import config_path
+    from lesiongen.loop.config import absolute_paths, load_loop_config, parse_set_options
     from lesiongen.loop.run import create_run, run_loop
     from lesiongen.report import write_report
 

@@ -89,7 +89,7 @@ def pretrain(
     preset: Annotated[Optional[str], typer.Option(help="Architecture: small (64 px, demo) or tiny (32 px, tests).",
                                                   callback=_check_optional_preset)] = None,
     config: Annotated[Optional[Path], typer.Option(
-        help="YAML recipe (e.g. configs/pretrain-toy-cpu.yaml); flags override it.")] = None,
+        help="YAML recipe: a path or a shipped name (pretrain-toy-cpu); flags override it.")] = None,
     vae_steps: Annotated[Optional[int], typer.Option(min=0, help="VAE training steps.")] = None,
     unet_steps: Annotated[Optional[int], typer.Option(min=0, help="UNet training steps.")] = None,
     vae_batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
@@ -118,6 +118,7 @@ def pretrain(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
 ) -> None:
     """Pretrain a small SD-format base from scratch: VAE, then the class-conditioned UNet."""
+    from lesiongen.config import config_path
     from lesiongen.diffusion.pretrain import pretrain_base
     from lesiongen.diffusion.pretrain.run import resolve_config
 
@@ -133,7 +134,8 @@ def pretrain(
         "vae": {"steps": vae_steps, "batch_size": vae_batch_size},
         "unet": {"steps": unet_steps, "batch_size": unet_batch_size, "prediction_type": prediction_type},
     }
-    resolved = resolve_config(config, overrides, out, resume, flag_names=PRETRAIN_FLAGS)
+    resolved = resolve_config(config_path(config) if config else None, overrides, out, resume,
+                              flag_names=PRETRAIN_FLAGS)
     result = pretrain_base(manifest, out, config=resolved, resume=resume, overwrite=overwrite,
                            stop_after_steps=stop_after_steps,
                            time_limit_s=time_limit * 60 if time_limit is not None else None, log=typer.echo)

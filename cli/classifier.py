@@ -36,7 +36,7 @@ def train_classifier(
     out: Annotated[Path, typer.Option(
         help="Output folder (model, checkpoints, history, eval-val/).")] = DEFAULT_TRAIN_OUT,
     config: Annotated[Optional[Path], typer.Option(
-        help="YAML recipe, e.g. configs/derm-dev-classifier.yaml; flags override it.")] = None,
+        help="YAML recipe: a path or a shipped name (derm-dev-classifier); flags override it.")] = None,
     arch: Annotated[Optional[str], typer.Option(help="Any timm architecture.")] = None,
     pretrained: Annotated[Optional[str], typer.Option(
         help="none | imagenet | a .safetensors file | a trained classifier folder.")] = None,
@@ -65,6 +65,7 @@ def train_classifier(
 ) -> None:
     """Train a timm skin-lesion classifier (run under `accelerate launch -m lesiongen` for several GPUs)."""
     from lesiongen.classifier.train import train_classifier as run_training
+    from lesiongen.config import config_path
 
     overrides = {
         "manifest": _absolute(manifest), "synthetic": [_absolute(s) for s in synthetic] if synthetic else None,
@@ -75,7 +76,7 @@ def train_classifier(
     }
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
         raise typer.BadParameter(f"'{resume}' is neither 'latest' nor a checkpoint folder", param_hint="--resume")
-    train_config = resolve_train_config(config, overrides, out, resume)
+    train_config = resolve_train_config(config_path(config) if config else None, overrides, out, resume)
     result = run_training(train_config, out, resume=resume, overwrite=overwrite)
     if result.is_main_process:
         typer.echo(f"best epoch {result.best_epoch}: val balanced accuracy {result.best_val_balanced_accuracy:.4f} "

@@ -90,6 +90,7 @@ def finetune(
     _choice(mixed_precision, PRECISIONS, "--mixed-precision")
     if resume is not None and resume != "latest" and not resume.startswith("checkpoint-") and not Path(resume).exists():
         raise typer.BadParameter(f"'{resume}' is neither 'latest' nor a checkpoint-N folder", param_hint="--resume")
+    from lesiongen.config import config_path
     from lesiongen.diffusion.finetune import resolve_config, run_finetune
 
     overrides = {
@@ -106,7 +107,7 @@ def finetune(
         "tokens": {"num_vectors": num_vectors, "lr": token_lr},
     }
     overrides["out"] = str(out or Path("checkpoints") / f"finetune-{method or 'lora+ti'}")
-    settings = resolve_config(overrides, config_file=str(config) if config else None, resume=resume,
+    settings = resolve_config(overrides, config_file=str(config_path(config)) if config else None, resume=resume,
                               flag_names=FINETUNE_FLAGS)
     if not settings.trains_lora:  # a flag that changes nothing would still be recorded in config.yaml
         given = [flag for flag, value in (("--rank", rank), ("--alpha", alpha), ("--lora-dropout", lora_dropout),

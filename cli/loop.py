@@ -72,13 +72,8 @@ def _removed_on_failure(started: tuple[Path, bool] | None):
 
 def _create_run(config: str, out: Path | None, seeds: int | None, rounds: int | None, sets: list[str],
                 overwrite: bool) -> tuple[Path, tuple[Path, bool]]:
-    from lesiongen.loop.config import (
-        absolute_paths,
-        check_input_paths,
-        config_path,
-        load_loop_config,
-        parse_set_options,
-    )
+    from lesiongen.config import config_path
+    from lesiongen.loop.config import absolute_paths, check_input_paths, load_loop_config, parse_set_options
     from lesiongen.loop.run import create_run
 
     overrides = parse_set_options(sets)

@@ -33,6 +33,34 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def shipped_config(name: str) -> Path:
+    """A config shipped in `configs/` by name (`demo`, `ham10000-sd15`, `derm-dev-classifier`, ...)."""
+    from importlib import resources
+
+    base = resources.files("lesiongen.configs")
+    candidate = base / f"{name}.yaml"
+    if not candidate.is_file():
+        shipped = sorted(p.name.removesuffix(".yaml") for p in base.iterdir() if p.name.endswith(".yaml"))
+        raise InputError(f"config '{name}' is neither a file nor a shipped config (shipped: {shipped})")
+    return Path(str(candidate))
+
+
+def config_path(name_or_path: str | os.PathLike) -> Path:
+    """A YAML path as given, or a shipped config: by name (`demo`), or spelled as the README does
+    (`configs/demo.yaml`) from a folder other than the repository's, where that path does not exist."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    if path.suffix in (".yaml", ".yml"):
+        if path.parent.name == "configs":
+            try:
+                return shipped_config(path.stem)
+            except InputError:
+                pass
+        return path  # load_yaml names the missing file
+    return shipped_config(str(name_or_path))
+
+
 def from_dict(cls: type[T], data: Mapping, *, where: str = "config", flags: Mapping | None = None,
               flag_names: Mapping[str, str] | Callable[[str], str] | None = None) -> T:
     """Build a (possibly nested) dataclass from a dict (YAML), checking every value against its field's type.

@@ -241,3 +241,28 @@ def test_every_shipped_config_loads_through_its_class():
         path = CONFIGS / f"{name}.yaml"
         config = load_loop_config(path) if cls is LoopConfig else from_dict(cls, load_yaml(path), where=str(path))
         assert isinstance(config, cls)
+
+
+def test_config_path_takes_shipped_names_and_the_readme_spelling_from_anywhere(tmp_path, monkeypatch):
+    from lesiongen.config import config_path
+
+    monkeypatch.chdir(tmp_path)
+    assert config_path("derm-dev-classifier").read_text() == (CONFIGS / "derm-dev-classifier.yaml").read_text()
+    assert config_path("configs/demo.yaml").read_text() == (CONFIGS / "demo.yaml").read_text()
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text("seeds: 1\n")  # a local file wins over the shipped one
+    assert config_path("configs/demo.yaml") == Path("configs/demo.yaml")
+    assert config_path("elsewhere/demo.yaml") == Path("elsewhere/demo.yaml")  # load_yaml will say not found
+    with pytest.raises(InputError, match=r"config 'demoo' is neither a file nor a shipped config \(shipped: .*demo"):
+        config_path("demoo")
+
+
+@pytest.mark.parametrize("command, config", [("train-classifier", "derm-dev-classifier"),
+                                             ("base pretrain", "configs/pretrain-toy-cpu.yaml")])
+def test_commands_read_shipped_configs_by_name(command, config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the repository, where configs/ does not exist
+    result = runner.invoke(app, [*command.split(), "--config", config, "--manifest", "missing.csv", "--out", "o"])
+    assert result.exit_code != 0
+    assert "missing.csv" in result.output and "config" not in result.output.lower(), result.output
+    result = runner.invoke(app, [*command.split(), "--config", "nosuch", "--manifest", "missing.csv", "--out", "o"])
+    assert "config 'nosuch' is neither a file nor a shipped config" in result.output

@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from lesiongen.cli.app import app
+from lesiongen.config import shipped_config
 from lesiongen.errors import InputError
 from lesiongen.loop.config import (
     ClassicalConfig,
@@ -15,7 +16,6 @@ from lesiongen.loop.config import (
     load_loop_config,
     load_resolved,
     parse_set_options,
-    shipped_config,
 )
 from lesiongen.loop.layout import ModelKey, RunLayout
 from lesiongen.loop.plan import build_plan, models

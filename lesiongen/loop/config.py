@@ -241,24 +241,6 @@ def library_section(cls: type, section: dict[str, Any], loop_inputs: dict[str, A
     return {key: value for key, value in to_dict(built).items() if key not in loop_inputs}
 
 
-def shipped_config(name: str) -> Path:
-    """A config shipped in `configs/` by name (`demo`, `ham10000-sd15`, ...)."""
-    from importlib import resources
-
-    base = resources.files("lesiongen.configs")
-    candidate = base / f"{name}.yaml"
-    if not candidate.is_file():
-        shipped = sorted(p.name.removesuffix(".yaml") for p in base.iterdir() if p.name.endswith(".yaml"))
-        raise InputError(f"config '{name}' is neither a file nor a shipped config (shipped: {shipped})")
-    return Path(str(candidate))
-
-
-def config_path(name_or_path: str | os.PathLike) -> Path:
-    """A YAML path as given, or the shipped config of that name."""
-    path = Path(name_or_path)
-    return path if path.suffix in (".yaml", ".yml") or path.exists() else shipped_config(str(name_or_path))
-
-
 def load_loop_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> LoopConfig:
     """YAML (or the built-in defaults) -> CLI overrides -> a validated LoopConfig."""
     data = load_yaml(path) if path is not None else {}

@@ -50,7 +50,8 @@ def run_demo(out: str | os.PathLike, *, overwrite: bool = False, echo: Callable[
 
 def demo_config():
     """The demo's resolved loop config (the shipped `configs/demo.yaml`)."""
-    from lesiongen.loop.config import load_loop_config, shipped_config
+    from lesiongen.config import shipped_config
+    from lesiongen.loop.config import load_loop_config
 
     return load_loop_config(shipped_config(DEMO_CONFIG))
 
