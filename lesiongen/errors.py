@@ -11,3 +11,7 @@ class InputError(LesiongenError):
 
 class OutputExistsError(LesiongenError):
     """An output already exists and `--overwrite` was not given."""
+
+
+class TrainingDivergedError(LesiongenError):
+    """The loss (or the weights) became NaN or infinite; the message names the step and the last good checkpoint."""

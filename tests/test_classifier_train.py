@@ -458,3 +458,26 @@ def test_evaluating_an_unfinished_training_run_says_so(trained, toy_manifest, tm
     result = cli("evaluate", "--model", killed, "--manifest", toy_manifest, "--split", "val", "--bootstrap", "0",
                  "--out", tmp_path / "eval")
     assert f"WARNING: {killed} is an unfinished run" in result.output and "--resume latest" in result.output
+
+
+def test_a_diverging_run_stops_with_the_epoch_and_keeps_what_came_before(env, toy_manifest, recipe, tmp_path):
+    out = tmp_path / "clf"
+    result = cli("train-classifier", "--manifest", toy_manifest, "--config", recipe, "--lr", "1e30", "--out", out,
+                 expect=2)
+    assert "training diverged" in result.output and "in epoch 1" in result.output
+    assert "no checkpoint was saved before it" in result.output and "--lr (now 1e+30)" in result.output
+    assert not out.exists()  # nothing was saved, so nothing blocks the corrected rerun
+    # Diverging after a good epoch: its checkpoint and best model are kept, no checkpoint after it is made.
+    cli("train-classifier", "--manifest", toy_manifest, "--config", recipe, "--out", out)
+    steps = steps_per_epoch(toy_manifest)
+    shutil.rmtree(out / f"checkpoint-{2 * steps}")  # as if the run had been at epoch 2 and the head then blew up
+    first = out / f"checkpoint-{steps}"
+    weights = load_file(first / "model.safetensors")
+    weights["classifier.weight"] = torch.full_like(weights["classifier.weight"], 3e38)  # finite; the logits overflow
+    save_file(weights, str(first / "model.safetensors"))
+    result = cli("train-classifier", "--out", out, "--resume", "latest", expect=2)
+    assert "the training loss became NaN or infinite in epoch 2" in result.output
+    assert f"checkpoint-{steps} in {out} is the last checkpoint, from before it" in result.output
+    assert "model.safetensors holds the best epoch so far (1)" in result.output and "--overwrite" in result.output
+    assert sha256_file(out / "model.safetensors") == sha256_file(first / "best" / "model.safetensors")
+    assert [p.name for p in out.glob("checkpoint-*")] == [first.name]

@@ -14,6 +14,7 @@ writes it).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, replace
@@ -56,7 +57,7 @@ from lesiongen.classifier.models import (
 from lesiongen.classifier.predict import IndexDataset, evaluation_loader, predict_distributed
 from lesiongen.classifier.preprocess import normalize, shades_of_gray, to_unit_float
 from lesiongen.config import save_config, to_dict
-from lesiongen.errors import InputError, OutputExistsError
+from lesiongen.errors import InputError, OutputExistsError, TrainingDivergedError
 from lesiongen.metrics.clinical import ClinicalSpec, clinical_metrics
 from lesiongen.utils.atomic import atomic_path
 from lesiongen.utils.outdir import OutputFolder
@@ -368,9 +369,32 @@ class ClassifierTrainer:
                 progress.set_postfix(loss=f"{float(loss_sum) / state.batches_done:.4f}", refresh=False)
             mid_epoch = state.batches_done < len(self.train_loader)
             if mid_epoch and cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0:
+                self._stop_if_diverged(state, loss_sum)
                 state.epoch_loss_sum = float(loss_sum)
                 self._save_checkpoint(state)
+        self._stop_if_diverged(state, loss_sum)  # before validation could save a NaN model as the best
         return float(acc.reduce(loss_sum / max(state.batches_done, 1), reduction="mean"))
+
+    def _stop_if_diverged(self, state: TrainerState, loss_sum: Tensor) -> None:
+        """Before anything is saved: the epoch's running loss and the weights must be finite on every process.
+        The sum carries any NaN step to here; the weights catch an update that overflowed after a finite loss.
+        One device sync, at checkpoints and epoch ends only; every process reaches it at the same step."""
+        acc, cfg = self.accelerator, self.config
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        weights_finite = torch.stack([t.detach().isfinite().all() for t in tensors if t.is_floating_point()]).all()
+        bad = acc.reduce(torch.stack([~loss_sum.isfinite(), ~weights_finite]).float(), reduction="sum").cpu()
+        if not bad.any():
+            return
+        what = "the training loss" if bad[0] else "the weights"
+        left = list_checkpoints(self.out_dir)
+        # A fresh run with no checkpoint yet is removed on the way out (`run`), so needs no --overwrite.
+        kept = (f"{left[-1].name} in {self.out_dir} is the last checkpoint, from before it" if left
+                else "no checkpoint was saved before it")
+        best = f"; {MODEL_FILE} holds the best epoch so far ({state.best_epoch + 1})" if state.best_epoch >= 0 else ""
+        raise TrainingDivergedError(
+            f"training diverged: {what} became NaN or infinite in epoch {state.epoch + 1} (by step "
+            f"{state.global_step}); {kept}{best}. Start again with a lower --lr (now {cfg.lr})"
+            f"{' and --overwrite' if left else ''}, or use bf16 instead of fp16")
 
     def _save_checkpoint(self, state: TrainerState) -> None:
         best = [self.out_dir / MODEL_FILE, self.out_dir / INFO_FILE] if state.best_epoch >= 0 else []

@@ -33,7 +33,7 @@ from lesiongen.diffusion.finetune.data import (
 from lesiongen.diffusion.finetune.models import TrainableModels
 from lesiongen.diffusion.resolution import check_resolution
 from lesiongen.diffusion.text import CachedPromptEncoder, encode, tokenize
-from lesiongen.errors import LesiongenError
+from lesiongen.errors import TrainingDivergedError
 from lesiongen.utils import checkpoints
 
 logger = logging.getLogger(__name__)
@@ -42,10 +42,6 @@ logger = logging.getLogger(__name__)
 # What a checkpoint holds besides accelerate's optimizer / scheduler / RNG state: only what trains (LoRA,
 # learned token rows, or the UNet for `full`), not accelerate's copy of every prepared model.
 TRAINABLE_FILE = "trainable.safetensors"
-
-class TrainingDivergedError(LesiongenError):
-    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
-
 
 def resolve_precision(setting: str, *, text_side_trains: bool = False) -> tuple[str, torch.dtype]:
     """accelerate's mixed-precision name and the dtype frozen weights run in (`text_side_trains`: class
