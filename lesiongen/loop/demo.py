@@ -90,7 +90,8 @@ def results_text(run_dir: Path) -> str:
 
 
 def _banner() -> str:
-    return ("lesiongen demo: procedural toy dermoscopy images + a small diffusion base trained here on CPU.\n"
+    return ("lesiongen demo: procedural toy dermoscopy images + the tiny diffusion base shipped in the package\n"
+            "(pretrained from scratch on other toy images, on CPU; lesiongen/assets/README.md).\n"
             "This is a DEMONSTRATION of the pipeline (data -> base -> adapt -> mine -> invert -> vary -> filter\n"
             "-> retrain -> report), not a result: real use needs real images and a real Stable Diffusion.")
 
