@@ -251,7 +251,10 @@ class StageRunner:
         start = time.perf_counter()
         summary: dict[str, Any] = {}
         if stage.distributed or main:
-            summary = stage.build(partial) or {}
+            try:
+                summary = stage.build(partial) or {}
+            except LesiongenError as err:  # an hours-long run says which of its stages stopped
+                raise type(err)(f"stage {stage.name}: {err}") from err
         if stage.distributed:
             self.processes.wait_for_everyone()  # every process's share is in `partial`
         elif not main:

@@ -15,7 +15,7 @@ from lesiongen.cli.app import app
 from lesiongen.diffusion.loading import load_pipeline
 from lesiongen.diffusion.pretrain import PretrainConfig, UnetStageConfig, VaeStageConfig, pretrain_base
 from lesiongen.diffusion.pretrain import checkpoints as ckpt
-from lesiongen.errors import InputError
+from lesiongen.errors import InputError, TrainingDivergedError
 
 runner = CliRunner(env={"COLUMNS": "500"})
 
@@ -115,6 +115,44 @@ def test_resume_refuses_a_changed_recipe(toy_manifest, tmp_path):
     changed = dataclasses.replace(config, unet=dataclasses.replace(config.unet, noise_schedule="cosine"))
     with pytest.raises(InputError, match=r"unet\.noise_schedule: 'zero_snr' -> 'cosine'"):
         pretrain_base(toy_manifest, tmp_path / "run", config=changed, resume="latest", log=lambda _: None)
+
+
+def test_a_diverging_run_saves_nothing_bad_and_resumes_from_the_last_good_checkpoint_at_a_lower_rate(
+        toy_manifest, tmp_path):
+    """Resumed from checkpoint-2 at a VAE rate of 1e30, step 3's update blows the weights up (checkpoint-3 is
+    still finite) and step 4's loss is infinite. Logging is off at these steps: the check before every save
+    finds it, writes no checkpoint-4, sets checkpoint-3 aside and names checkpoint-2, from which a resume
+    with a lower rate (a change a resume accepts) finishes."""
+    out = tmp_path / "base"
+    args = ["base", "pretrain", "--manifest", str(toy_manifest), "--out", str(out), "--preset", "tiny",
+            "--vae-steps", "5", "--unet-steps", "2", "--vae-batch-size", "4", "--unet-batch-size", "4",
+            "--sample-every", "0", "--cpu-threads", "1"]
+    assert runner.invoke(app, [*args, "--checkpoint-every", "2", "--stop-after-steps", "2"]).exit_code == 0
+    hot, sane = tmp_path / "hot.yaml", tmp_path / "sane.yaml"
+    hot.write_text("vae:\n  learning_rate: 1.0e+30\n")
+    sane.write_text("vae:\n  learning_rate: 1.0e-3\n")
+
+    result = runner.invoke(app, [*args, "--checkpoint-every", "1", "--config", str(hot), "--resume", "latest"])
+    assert result.exit_code == 2, result.output
+    assert "training diverged: the vae loss became NaN or infinite at step 4" in result.output
+    assert "checkpoint-2 in" in result.output and "is the last good checkpoint" in result.output
+    assert "Lower vae.learning_rate (now 1e+30)" in result.output and "--resume latest" in result.output
+    assert [p.name for p in ckpt.checkpoints_in(out)] == ["checkpoint-2"]
+    assert (out / ckpt.CHECKPOINTS_DIR / "checkpoint-3.diverged").is_dir()
+
+    result = runner.invoke(app, [*args, "--config", str(sane), "--resume", "latest"])
+    assert result.exit_code == 0, result.output
+    assert "resumed from" in result.output and "checkpoint-2" in result.output and "finished at step 7" in result.output
+    assert all(t.isfinite().all() for t in _unet_weights(out).values())
+    assert all(t.isfinite().all() for t in load_pipeline(out).vae.state_dict().values())
+
+
+def test_a_run_diverging_before_its_first_checkpoint_leaves_no_folder(toy_manifest, tmp_path):
+    config = quick_config(vae=VaeStageConfig(steps=3, batch_size=4, learning_rate=1e30, warmup_steps=1))
+    with pytest.raises(TrainingDivergedError, match="no checkpoint from before it is left") as caught:
+        pretrain_base(toy_manifest, tmp_path / "run", config=config, log=lambda _: None)
+    assert "the vae loss became NaN or infinite at step 2" in str(caught.value)
+    assert not (tmp_path / "run").exists()
 
 
 def test_progress_metrics_and_perceptual_term_use_a_classifier(toy_manifest, tmp_path):

@@ -103,6 +103,17 @@ def test_failed_stage_leaves_no_finished_folder(tmp_path):
     assert seen == [[]] and run.is_finished("s") and not run.partial_dir("s").exists()
 
 
+def test_a_stage_that_stops_on_bad_input_is_named_in_the_message(tmp_path):
+    run = RunDir.create(tmp_path / "run", "x: 1\n")
+
+    def bad_row(folder: Path) -> dict:
+        raise InputError("labels.csv row 7: label 'xyz' is not a class")
+
+    with pytest.raises(InputError, match=r"^stage seed-0/round-1/mined/mine: labels\.csv row 7: label 'xyz'"):
+        StageRunner(run)(Stage("seed-0/round-1/mined/mine", "mine", bad_row))
+    assert not run.is_finished("seed-0/round-1/mined/mine")
+
+
 def test_resumable_stage_keeps_its_partial_folder(tmp_path):
     run = RunDir.create(tmp_path / "run", "x: 1\n")
     run.partial_dir("t").mkdir(parents=True)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 from functools import partial
 
+import pytest
+
 from lesiongen.diffusion.loading import load_pipeline
+from lesiongen.errors import TrainingDivergedError
 from lesiongen.loop import stages
 from lesiongen.loop.config import config_yaml, load_loop_config
 from lesiongen.loop.layout import RunLayout
+from lesiongen.loop.run import create_run, run_loop
 from lesiongen.runs import RunDir, Stage, StageRunner
 
 TOY = {"toy": {"n_per_class": 6, "size": 32}}
@@ -35,6 +39,20 @@ def test_base_pretrained_in_the_run_is_an_ordinary_pipeline(tmp_path):
     assert not list((tmp_path / "run" / "base" / "pipeline" / "checkpoints").glob("checkpoint-*"))
     pipe = load_pipeline(base)
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
+
+
+def test_a_base_diverging_in_the_run_names_its_stage_and_the_keys_to_lower(tmp_path):
+    recipe = {"preset": "tiny", "vae": {"steps": 3, "batch_size": 8, "learning_rate": 1e30, "warmup_steps": 1},
+              "unet": {"steps": 2, "batch_size": 8}, "log_every": 1, "sample_every": 0, "checkpoint_every": 10}
+    config = load_loop_config(None, {"data": TOY, "base": {"pretrain": recipe}, "cpu_threads": 1})
+    run = create_run(config, tmp_path / "run")
+    with pytest.raises(TrainingDivergedError) as caught:
+        run_loop(run.root, echo=lambda _: None)
+    message = str(caught.value)
+    assert message.startswith("stage base: training diverged: the vae loss became NaN or infinite at step 2")
+    assert "start a new run with a lower rate: --set classifier.lr=" in message
+    assert "base.pretrain.vae.learning_rate" in message
+    assert list(RunDir.open(run.root).finished()) == ["data"]
 
 
 def test_base_from_a_path_is_recorded_not_copied(tmp_path, tiny_pipeline_dir):

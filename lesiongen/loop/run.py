@@ -7,12 +7,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lesiongen.errors import TrainingDivergedError
 from lesiongen.loop.config import LoopConfig, config_yaml, load_resolved
 from lesiongen.loop.layout import RunLayout
 from lesiongen.loop.plan import build_plan
 from lesiongen.loop.progress import StageProgress
 from lesiongen.loop.summary import SUMMARY_FILE, write_summary
 from lesiongen.runs import RunDir, StageRunner, current_processes
+
+# The stage's own message names its command's flags; in a loop they are config keys, and `--resume` keeps the
+# config (every arm trains with the same settings), so a divergence is fixed in a new run.
+LOOP_DIVERGENCE_FIX = ("In a loop run, start a new run with a lower rate: --set classifier.lr=..., finetune.lr=... "
+                       "(finetune.tokens.lr for the class tokens) or base.pretrain.vae.learning_rate=... / "
+                       "base.pretrain.unet.learning_rate=...")
 
 
 @dataclass
@@ -47,7 +54,10 @@ def run_loop(run_dir: str | os.PathLike, *, echo: Callable[[str], None] = print)
     try:
         progress = StageProgress(len(plan), echo)
         runner = StageRunner(run, processes, on_event=progress)
-        ran = [result.name for result in map(runner, plan) if not result.skipped]
+        try:
+            ran = [result.name for result in map(runner, plan) if not result.skipped]
+        except TrainingDivergedError as err:
+            raise TrainingDivergedError(f"{err}. {LOOP_DIVERGENCE_FIX}") from err
         summary = layout.root / SUMMARY_FILE
         if processes.is_main_process:
             if ran or not summary.is_file():

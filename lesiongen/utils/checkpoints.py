@@ -73,6 +73,21 @@ def prune_checkpoints(folder: str | os.PathLike, total_limit: int | None) -> Non
         shutil.rmtree(old, ignore_errors=True)
 
 
+def set_aside_diverged(folder: str | os.PathLike, first_bad_step: int) -> Path | None:
+    """The loss of step k is computed with the weights after k - 1 updates, so when it is the first bad one,
+    every checkpoint from step k - 1 on holds diverged (or diverging) weights: each is renamed
+    `checkpoint-N.diverged` (kept for a look, skipped by --resume latest). Returns the newest one left."""
+    kept = []
+    for checkpoint in list_checkpoints(folder):
+        if checkpoint_step(checkpoint) < first_bad_step - 1:
+            kept.append(checkpoint)
+            continue
+        aside = checkpoint.with_name(checkpoint.name + ".diverged")
+        shutil.rmtree(aside, ignore_errors=True)
+        checkpoint.rename(aside)
+    return kept[-1] if kept else None
+
+
 def save_accelerate_checkpoint(accelerator, folder: str | os.PathLike, step: int, state: dict,
                                total_limit: int | None,
                                add_files: Callable[[Path], None] | None = None) -> Path:

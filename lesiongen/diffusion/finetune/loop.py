@@ -11,7 +11,6 @@ its last good checkpoint intact (the one that already holds the diverged weights
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -343,17 +342,11 @@ class Trainer:
             self.accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=entry["step"])
 
     def _set_aside_diverged_checkpoints(self, bad_step: int) -> Path | None:
-        """The loss of step k is computed with the weights after k - 1 updates, so when it is the first bad one,
-        checkpoint-(k-1) already holds the diverged weights: it is renamed `checkpoint-N.diverged` (kept for a
-        look, skipped by --resume latest). Returns the newest checkpoint left."""
+        """`checkpoints.set_aside_diverged` on the main process; every process gets the newest one left."""
         if self.accelerator.is_main_process:
-            for checkpoint in checkpoints.list_checkpoints(self.out_dir):
-                if checkpoints.checkpoint_step(checkpoint) >= bad_step - 1:
-                    aside = checkpoint.with_name(checkpoint.name + ".diverged")
-                    shutil.rmtree(aside, ignore_errors=True)
-                    checkpoint.rename(aside)
+            checkpoints.set_aside_diverged(self.out_dir, bad_step)
         self.accelerator.wait_for_everyone()  # every process reaches this at the same step (`_flush` gathers)
-        left = [c for c in checkpoints.list_checkpoints(self.out_dir) if checkpoints.checkpoint_step(c) < bad_step - 1]
+        left = checkpoints.list_checkpoints(self.out_dir)
         return left[-1] if left else None
 
     # ------------------------------------------------------------------------------------- validation

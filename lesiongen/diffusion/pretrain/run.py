@@ -25,7 +25,9 @@ from lesiongen.utils.outdir import OutputFolder, is_unfinished, resumed_config
 RESUMABLE_CHANGES = {"vae.steps", "unet.steps", "log_every", "sample_every", "samples_per_class", "sample_steps",
                      "guidance_scale", "eval_classifier", "checkpoint_every", "checkpoints_total_limit",
                      "save_optimizer", "save_dtype", "device", "cpu_threads", "compile", "cache_dir", "max_shards",
-                     "max_shard_mib", "checkpoint_dtype", "time_budget_minutes", "vae_budget_share"}
+                     "max_shard_mib", "checkpoint_dtype", "time_budget_minutes", "vae_budget_share",
+                     # what a run that diverged resumes with, from its last good checkpoint
+                     "vae.learning_rate", "unet.learning_rate", "grad_clip", "mixed_precision"}
 
 
 def write_pipeline_into(pipe, out: Path, provenance: dict) -> None:

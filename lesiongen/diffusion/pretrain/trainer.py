@@ -32,7 +32,8 @@ from lesiongen.diffusion.pretrain.config import NOISE_SCHEDULES, PretrainConfig
 from lesiongen.diffusion.pretrain.data import ClassImages, dihedral_by_position, load_class_images, to_model_range
 from lesiongen.diffusion.pretrain.latents import LatentSet, cached_latents
 from lesiongen.diffusion.pretrain.objectives import diffusion_target, loss_weights, lr_at
-from lesiongen.errors import InputError
+from lesiongen.errors import InputError, TrainingDivergedError
+from lesiongen.utils.checkpoints import set_aside_diverged
 from lesiongen.utils.device import resolve_device
 
 CONFIG_FILE = "config.yaml"
@@ -40,6 +41,7 @@ METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 CACHE_DIR = "cache"
 _STAGE_IDS = {"vae": 1, "unet": 2}
+_NO_BAD_STEP = 1 << 62  # `first_bad_step` while every loss so far was finite
 
 
 @dataclasses.dataclass
@@ -95,6 +97,9 @@ class Pretrainer:
         self._resume_tensors: dict[str, torch.Tensor] = {}
         self.judge = None
         self._saved_at: int | None = None  # global step of the newest checkpoint on disk
+        # Global step of the first NaN / infinite loss, kept on the device (no sync per step), read at log
+        # steps and before every save.
+        self._first_bad_step: torch.Tensor | None = None
         self._clock = time.monotonic()  # training seconds since this mark are not yet in state.elapsed_s
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -148,6 +153,7 @@ class Pretrainer:
         if self.state.stage == "vae":
             if self._train_vae(should_pause):
                 return self._pause()
+            self._stop_if_diverged()  # before the latents of a broken VAE set the scale and fill the cache
             self.state.scaling_factor = self._latent_scaling_factor()
             self.vae.register_to_config(scaling_factor=self.state.scaling_factor)
             self.state.stage, self.state.step = "unet", 0
@@ -313,11 +319,13 @@ class Pretrainer:
         would cost small-model GPU runs a large share of their throughput)."""
         self.state.step += 1
         self.state.global_step += 1
+        finite = torch.stack([v.float() for v in losses.values()]).isfinite().all()
+        here = torch.where(finite, _NO_BAD_STEP, self.state.global_step)
+        self._first_bad_step = here if self._first_bad_step is None else torch.minimum(self._first_bad_step, here)
         if self.state.step % self.config.log_every == 0 or self.state.step == 1:
             values = {k: v.item() for k, v in losses.items()}
             if not all(map(math.isfinite, values.values())):
-                raise FloatingPointError(f"non-finite loss at {stage} step {self.state.step} ({values}); lower "
-                                         "the learning rate or use mixed_precision no")
+                self._stop_if_diverged(check_weights=False)
             total = self.stage_steps(stage)
             shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
             self.log(f"{stage} step {self.state.step}/{total} {shown} lr {self.optimizer.param_groups[0]['lr']:.3g}")
@@ -339,7 +347,38 @@ class Pretrainer:
             tensors.update({f"ema_unet.{n}": p for n, p in zip(names, self.ema.shadow_params)})
         return tensors
 
+    def _stop_if_diverged(self, *, check_weights: bool = True) -> None:
+        """Nothing NaN or infinite reaches a checkpoint or the saved base: every loss since the start of this
+        job, and (before a save) the weights, the EMA copy included, must be finite. On a divergence the
+        checkpoints from the step before the first bad loss on are set aside (`checkpoint-N.diverged`)."""
+        first_bad = int(self._first_bad_step.item()) if self._first_bad_step is not None else _NO_BAD_STEP
+        weights_finite = not check_weights or self._weights_finite()
+        if first_bad == _NO_BAD_STEP and weights_finite:
+            return
+        stage = self.state.stage
+        if first_bad != _NO_BAD_STEP:
+            what = f"the {stage} loss became NaN or infinite at step {first_bad}"
+            kept = set_aside_diverged(self.out / ckpt.CHECKPOINTS_DIR, first_bad)
+        else:  # a finite loss, then an update that overflowed: every checkpoint so far passed this check
+            what = f"the {stage} weights became NaN or infinite by step {self.state.global_step}"
+            left = ckpt.checkpoints_in(self.out)
+            kept = left[-1] if left else None
+        rate = getattr(self.config, stage).learning_rate
+        fix = (f"Lower {stage}.learning_rate (now {rate:g}) in a YAML recipe, keep grad_clip set, or set "
+               "mixed_precision: no")
+        if kept is not None:
+            where = (f"{kept.name} in {kept.parent} is the last good checkpoint. {fix}, and pass the recipe with "
+                     "--config and --resume latest to continue from it")
+        else:
+            where = f"no checkpoint from before it is left. {fix}, and start again"
+        raise TrainingDivergedError(f"training diverged: {what}; {where}")
+
+    def _weights_finite(self) -> bool:
+        tensors = [*self.unet.parameters(), *self.vae.parameters(), *(self.ema.shadow_params if self.ema else [])]
+        return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
+
     def _save(self) -> Path | None:
+        self._stop_if_diverged()
         now = time.monotonic()
         self.state.elapsed_s += now - self._clock
         self._clock = now
