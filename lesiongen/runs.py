@@ -119,6 +119,7 @@ class RunDir:
         folder.start(replace=overwrite)
         write_text(run.config_path, config_text)
         run._write_state({"version": STATE_VERSION, "created": _now(), "finished": {}})
+        folder.drop_replaced()  # the new run stands: it resumes from here
         return run
 
     @classmethod

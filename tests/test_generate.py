@@ -107,6 +107,10 @@ def test_each_class_may_have_its_own_count(finetuned_adapter_dir, tmp_path):
         refused = generate("--adapter", finetuned_adapter_dir, "--class", bad, "--out", tmp_path / "bad")
         assert refused.exit_code == 2 and f"--class {bad}: expected CLASS or CLASS=N" in refused.output
         assert not (tmp_path / "bad").exists()
+    refused = generate("--adapter", finetuned_adapter_dir, "--prompt", "a lesion", "--class", "mel=3",
+                       "--out", tmp_path / "bad")
+    assert refused.exit_code == 2 and "with --prompt, --class is only the images' label" in refused.output
+    assert "--n" in refused.output and not (tmp_path / "bad").exists()
 
 
 def test_a_class_not_in_the_prompt_file_is_refused(finetuned_adapter_dir, tmp_path):

@@ -236,3 +236,40 @@ def test_a_failed_start_removes_what_it_created_unless_resumable(tmp_path):
     (tmp_path / "empty").mkdir()
     fail(OutputFolder(tmp_path / "empty", "finetune"), resumable=False)
     assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())  # the user's folder stays
+
+
+def test_overwrite_keeps_the_result_it_replaces_until_the_new_one_stands(tmp_path):
+    """A bad input found after an --overwrite start (an unreadable image an hour in) gives the old result back;
+    a new run that is resumable or finished replaces it for good."""
+    from lesiongen.utils.outdir import OutputFolder, replaced_path
+
+    out = tmp_path / "hard"
+
+    def finished(text: str) -> None:
+        folder = OutputFolder(out, "mine-and-generate")
+        with folder.removed_on_failure():
+            folder.start(replace=True)
+            (out / "manifest.csv").write_text(text)
+        folder.finish()
+
+    def overwrite_failing(resumable: bool) -> None:
+        folder = OutputFolder(out, "mine-and-generate")
+        with pytest.raises(RuntimeError), folder.removed_on_failure(lambda path: (path / "records").is_dir()):
+            folder.start(replace=True)
+            assert not (out / "manifest.csv").exists() and replaced_path(out).is_dir()
+            (out / ("records" if resumable else "config.yaml")).mkdir()
+            raise RuntimeError("train image 7 is unreadable")
+
+    finished("old")
+    overwrite_failing(resumable=False)
+    assert (out / "manifest.csv").read_text() == "old" and not replaced_path(out).exists()
+    overwrite_failing(resumable=True)  # the new run is under way: resuming it is the way on
+    assert (out / "records").is_dir() and not (out / "manifest.csv").exists() and not replaced_path(out).exists()
+    finished("old")
+    # killed during an --overwrite: the older finished result waits aside, and a later --overwrite keeps it
+    OutputFolder(out, "mine-and-generate").start(replace=True)
+    (out / "config.yaml").write_text("half")
+    overwrite_failing(resumable=False)
+    assert (out / "manifest.csv").read_text() == "old" and not replaced_path(out).exists()
+    finished("new")
+    assert (out / "manifest.csv").read_text() == "new" and not replaced_path(out).exists()

@@ -269,3 +269,45 @@ def test_a_resume_with_other_files_under_the_same_paths_is_refused(made, toy_man
     refused = cli(*args, expect=2)
     assert "made from other files under the same paths (predictions: content changed" in refused.output
     assert json.loads((out / "inputs.json").read_text()) == inputs  # the refused call changed nothing
+
+
+def test_a_record_left_half_written_by_a_kill_is_redone(made, toy_manifest, tiny_pipeline_dir, tmp_path):
+    """kill -9 between writing a source's record and renaming it leaves `.NAME.XXXXXXXX.tmp.json`, empty or
+    complete: the rerun neither reads it nor counts its source as done; it makes the source again."""
+    out = tmp_path / "run"
+    # batches of one: a source redone alone renders as it did (see test_mine_invert_vary_filter_traces_every_row_back)
+    args = [*common(made, toy_manifest, tiny_pipeline_dir, out), "--max-cases", "2", "--no-memorization-filter",
+            *QUICK, "--batch-size", "1"]
+    cli(*args)
+    first = (out / "manifest.csv").read_bytes()
+    records = sorted((out / "records").glob("*.json"))
+    assert len(records) == 2
+    records[0].rename(records[0].with_name(f".{records[0].stem}.k3j2h1g0.tmp.json"))  # complete, not renamed
+    (out / "records" / f".{records[1].stem}.a1b2c3d4.tmp.json").write_text("")  # killed mid-write
+    cli(*args)
+    assert sorted((out / "records").iterdir()) == records  # the source made again, the leftovers gone
+    assert (out / "manifest.csv").read_bytes() == first
+
+
+def test_overwrite_that_fails_on_bad_input_keeps_the_finished_run(made, toy_manifest, toy_data_dir,
+                                                                   tiny_pipeline_dir, tmp_path):
+    """The memorisation index reads every training image after the run has started: an unreadable one stops it,
+    and the finished run that --overwrite was to replace is still there, whole."""
+    out = tmp_path / "run"
+    quick = ["--max-cases", "1", *QUICK]
+    cli(*common(made, toy_manifest, tiny_pipeline_dir, out), "--no-memorization-filter", *quick)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    data = tmp_path / "data"  # the same manifest (same bytes, so the predictions still match it), one bad image
+    shutil.copytree(toy_data_dir, data / "images-root")
+    shutil.copy(toy_manifest, data / "manifest.csv")
+    meta = json.loads(toy_manifest.with_name("manifest.meta.json").read_text())
+    (data / "manifest.meta.json").write_text(json.dumps({**meta, "root": "images-root"}))
+    train_image = load_manifest(data / "manifest.csv").split("train").image_paths()[0]
+    train_image.write_bytes(b"not a png")
+    predictions = ["--predictions", made / "eval-val" / "predictions.csv"]
+    result = cli("mine-and-generate", *predictions, "--manifest", data / "manifest.csv", "--base", tiny_pipeline_dir,
+                 "--out", out, "--overwrite", *quick, expect=2)
+    assert train_image.name in result.output
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not any(p.name.endswith(".replaced") for p in tmp_path.iterdir())

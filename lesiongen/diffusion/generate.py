@@ -274,7 +274,7 @@ def generate_to_folder(renderer: Renderer, requests: list[ImageRequest], out_dir
     n-th missing image; the main process keeps the manifest, which lists the PNGs present at the time
     of writing (they appear by atomic rename, so a listed image is always complete).
     """
-    from lesiongen.utils.atomic import write_json
+    from lesiongen.utils.atomic import is_temporary, remove_temporaries, write_json
 
     out_dir = Path(out_dir)
     main = processes is None or processes.is_main_process
@@ -283,11 +283,12 @@ def generate_to_folder(renderer: Renderer, requests: list[ImageRequest], out_dir
     if main:
         folder = check_resumable(out_dir, record, overwrite)
         folder.start(replace=overwrite)  # --overwrite: the folder's earlier images and manifest go
+        remove_temporaries(out_dir)  # images a killed run was writing: made again below
         write_json(out_dir / GENERATION_FILE, asdict(record))
     if processes is not None:
         processes.wait_for_everyone()
     # A folder this call started that fails before its first image is removed again.
-    with (folder.removed_on_failure(lambda path: any((path / "images").rglob("*.png")))
+    with (folder.removed_on_failure(lambda path: any(not is_temporary(p) for p in (path / "images").rglob("*.png")))
           if folder is not None else contextlib.nullcontext()):
         return _render(renderer, requests, out_dir, record, main=main, progress=progress, processes=processes,
                        folder=folder)
@@ -426,6 +427,9 @@ def run_generate(*, classes: list[str] | None, n: int, prompt: str | None, out: 
     _, prompt_set = adapter_and_prompts(loading.get("adapter"), loading.get("prompts"))
     counts = class_counts(classes, n, prompt_set) if prompt is None else {}  # bad classes fail before the load
     if prompt is not None and classes:
+        if "=" in classes[0]:
+            raise InputError(f"--class {classes[0]}: with --prompt, --class is only the images' label (CLASS); "
+                             "give their number with --n")
         prompt_set.get(classes[0])
     generator = load_generator(**loading)
     if prompt is not None:

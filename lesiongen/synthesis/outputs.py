@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from lesiongen.data.manifest import REQUIRED_COLUMNS, SYNTHETIC_COLUMNS, Manifest, write_manifest
-from lesiongen.utils.atomic import atomic_path, write_json
+from lesiongen.utils.atomic import atomic_path, is_temporary, write_json
 
 HARD_CASES = "hard_cases.csv"
 RECORDS = "records"
@@ -62,7 +62,8 @@ def finished_sources(out: Path) -> set[str]:
     folder = out / RECORDS
     if not folder.is_dir():
         return set()
-    return {json.loads(p.read_text(encoding="utf-8"))["source"]["image"] for p in folder.glob("*.json")}
+    return {json.loads(p.read_text(encoding="utf-8"))["source"]["image"] for p in folder.glob("*.json")
+            if not is_temporary(p)}
 
 
 def load_records(out: Path, images: list[str]) -> list[dict]:

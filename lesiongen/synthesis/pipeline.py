@@ -272,7 +272,7 @@ def input_hashes(config: SynthesisConfig, identity: tuple[str, str | None]) -> d
 def prepare_output(out: Path, resolved: dict, overwrite: bool, inputs: dict[str, str | None]) -> OutputFolder:
     """Start, resume (same config and input files) or refuse (another config or other input files, or a folder
     this command did not make)."""
-    from lesiongen.utils.atomic import write_json, write_text
+    from lesiongen.utils.atomic import remove_temporaries, write_json, write_text
 
     config_file, inputs_file = out / "config.yaml", out / INPUTS_FILE
     folder = OutputFolder(out, "mine-and-generate")
@@ -299,6 +299,7 @@ def prepare_output(out: Path, resolved: dict, overwrite: bool, inputs: dict[str,
                     f"content changed since it started, see {INPUTS_FILE}); resuming would mix their outputs. "
                     "Pass --overwrite to start again, or choose another --out")
     folder.start(replace=overwrite)
+    remove_temporaries(out)  # half-written records and images of a killed run: redone, never read
     write_text(config_file, yaml.safe_dump(resolved, sort_keys=False))
     write_json(inputs_file, inputs)
     return folder

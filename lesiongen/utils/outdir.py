@@ -7,9 +7,10 @@ Every command that owns an output folder (`--out`) goes through this module:
 - `check_out_dir` refuses a path that is a file, and a non-empty folder that is not this kind of output
   (by its marker or, for folders made before markers existed, by the kind's signature files in `KINDS`):
   `--overwrite` only ever replaces a folder lesiongen made for the same command, or an empty one;
-- `OutputFolder` adds the start (remove an own folder on --overwrite, create, mark) and
-  `removed_on_failure`: a folder this invocation started is removed again when the command fails
-  before anything resumable is in it, so the corrected rerun just works.
+- `OutputFolder` adds the start (create, mark; on --overwrite the earlier result is moved aside, not
+  deleted) and `removed_on_failure`: a folder this invocation started is removed again when the command
+  fails before anything resumable is in it, so the corrected rerun just works, and the result it was to
+  replace comes back. The result moved aside is deleted once the new one is finished or resumable.
 """
 
 from __future__ import annotations
@@ -180,13 +181,18 @@ def _clear(folder: Path) -> None:
 def _remove_unless_resumable(path: Path, resumable: Callable[[Path], bool], existed: bool) -> None:
     """What a failed invocation created in `path` goes, unless `resumable(path)`: the folder itself when
     it did not exist before, its contents when it was an empty folder (`existed`)."""
-    if not path.is_dir():
-        return
-    try:
-        if not resumable(path):
+    if path.is_dir() and not _resumable(path, resumable):
+        try:
             _clear(path) if existed else shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _resumable(path: Path, resumable: Callable[[Path], bool]) -> bool:
+    try:
+        return resumable(path)
     except OSError:
-        pass
+        return False
 
 
 @contextlib.contextmanager
@@ -201,11 +207,19 @@ def removed_on_failure(path: str | os.PathLike, resumable: Callable[[Path], bool
         raise
 
 
+def replaced_path(path: str | os.PathLike) -> Path:
+    """Where `--overwrite` keeps the result it replaces until the new one is finished or resumable."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.replaced")
+
+
 class OutputFolder:
     """An output folder of one `kind`, checked when constructed (nothing is written until `start`).
 
     `existing` is True for a non-empty folder of this kind (a run to resume or a result to replace):
-    the command decides which, then calls `start(replace=...)`.
+    the command decides which, then calls `start(replace=...)`. A replaced result waits beside the folder
+    (`replaced_path`) until `finish()` or the end of `removed_on_failure`: a bad input found after the
+    start (an unreadable image an hour in) must not cost the user the result they had.
     """
 
     def __init__(self, path: str | os.PathLike, kind: str, *, flag: str = "--out") -> None:
@@ -216,9 +230,13 @@ class OutputFolder:
         self.started = False  # this invocation started the folder's contents (removed again on failure)
 
     def start(self, *, replace: bool = False, complete: bool = False) -> Path:
-        """Create the folder and mark it; `replace` first removes the earlier output of this kind."""
+        """Create the folder and mark it; `replace` first moves the earlier output of this kind aside."""
         if self.existing and replace:
-            shutil.rmtree(self.path)
+            aside = replaced_path(self.path)
+            if aside.exists():  # left by a killed --overwrite: it is the older finished result, keep it
+                shutil.rmtree(self.path)
+            else:
+                os.replace(self.path, aside)
             self.existing = False
         self.started = not self.existing
         self.path.mkdir(parents=True, exist_ok=True)
@@ -233,6 +251,17 @@ class OutputFolder:
 
     def finish(self) -> None:
         mark_complete(self.path)
+        self.drop_replaced()
+
+    def drop_replaced(self) -> None:
+        """The new result stands (finished, or resumable): the one it replaced goes."""
+        shutil.rmtree(replaced_path(self.path), ignore_errors=True)
+
+    def restore_replaced(self) -> None:
+        """The new start failed with nothing worth keeping: the result it was to replace comes back."""
+        aside = replaced_path(self.path)
+        if aside.is_dir() and not self.path.exists():
+            os.replace(aside, self.path)
 
 
 class _StartedGuard(contextlib.AbstractContextManager):
@@ -243,6 +272,14 @@ class _StartedGuard(contextlib.AbstractContextManager):
 
     def __exit__(self, exc_type, exc, tb) -> None:
         folder = self.folder
-        if exc_type is not None and self.active and folder.started:
-            _remove_unless_resumable(folder.path, self.resumable, folder._existed)
+        if not (self.active and folder.started):
+            return None
+        if exc_type is None:
+            folder.drop_replaced()
+            return None
+        _remove_unless_resumable(folder.path, self.resumable, folder._existed)
+        if not folder.path.exists():
+            folder.restore_replaced()
+        elif _resumable(folder.path, self.resumable):  # the new run stands
+            folder.drop_replaced()
         return None
