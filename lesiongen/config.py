@@ -49,8 +49,8 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
     """A YAML path as given, or a shipped config: by name (`demo`), or spelled as the README does
     (`configs/demo.yaml`) from a folder other than the repository's, where that path does not exist."""
     path = Path(name_or_path)
-    if path.exists():
-        return path
+    if path.is_file():
+        return path  # a folder of the same name (`demo/` in the working directory) does not hide a shipped one
     if path.suffix in (".yaml", ".yml"):
         if path.parent.name == "configs":
             try:
@@ -177,8 +177,9 @@ def _build(cls: type[T], data: Any, source: _Source, keys: tuple[str, ...]) -> T
 def _blame(cls: type, kwargs: dict[str, Any], source: _Source, keys: tuple[str, ...]) -> str:
     """The flag(s) whose value the class refused (the class builds once that flag is left out), else `where`."""
     culprits = []
-    for key in kwargs:
-        flag = source.flag((*keys, key))
+    for key, value in kwargs.items():
+        # a mapping-valued setting (`--confusion mel->nv=2`) comes whole from its flag; a section, key by key
+        flag = source.flag((*keys, key), section=not dataclasses.is_dataclass(value))
         if flag is None:
             continue
         try:

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -447,6 +448,53 @@ def test_compare_checks_both_inputs_before_writing(trained, toy_manifest, tmp_pa
                  "--bootstrap", "0", "--out", out, expect=2)
     assert "--compare B" in result.output and "nope" in result.output
     assert not out.exists()  # nothing half-written blocks the corrected rerun
+
+
+def _edited_copy(evaluation: Path, to: Path, *, meta=None, edit=None) -> Path:
+    shutil.copytree(evaluation, to)
+    if meta is not None:
+        (to / "predictions.meta.json").write_text(meta((to / "predictions.meta.json").read_text()))
+    if edit is not None:
+        frame = pd.read_csv(to / "predictions.csv", dtype=str)
+        edit(frame).to_csv(to / "predictions.csv", index=False)
+    return to
+
+
+def _set(frame: pd.DataFrame, column: str, value: str, row: int = 3) -> pd.DataFrame:
+    frame.loc[row, column] = value
+    return frame
+
+
+@pytest.mark.parametrize("case, change, message", [
+    ("truncated-meta", {"meta": lambda text: text[:40]}, r"predictions\.meta\.json: not valid JSON"),
+    ("no-classes", {"meta": lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "classes"})},
+     r"predictions\.meta\.json: missing key\(s\) \['classes'\]"),
+    ("text-probability", {"edit": lambda f: _set(f, "prob_mel", "x")},
+     r"predictions\.csv: column 'prob_mel' row 5: 'x' is not a number in \[0\.0, 1\.0\]"),
+    ("no-image-column", {"edit": lambda f: f.drop(columns=["image"])},
+     r"predictions\.csv: missing column\(s\) \['image'\]"),
+    ("unknown-label", {"edit": lambda f: _set(f, "label", "melanoma")},
+     r"predictions\.csv row 5: label 'melanoma' is not one of"),
+    ("relabelled", {"edit": lambda f: _set(f, "label", "df" if f.loc[3, "label"] != "df" else "nv")},
+     r"is labelled '\w+' in A \(.*\) but '\w+' in B \(.*relabelled\); a paired comparison needs the same labels"),
+    ("missing-row", {"edit": lambda f: f.drop(index=3)},
+     r"do not cover the same images: 1 \(e\.g\. '.*'\) only in A \(.*\), 0 only in B"),
+])
+def test_compare_checks_evaluation_folders_and_keeps_the_old_result(trained, toy_manifest, tmp_path, case, change,
+                                                                    message):
+    """Each malformed evaluation folder is named with its file, column or row (not a traceback, and never a
+    comparison made with A's labels); the comparison it was to replace (--overwrite) is kept."""
+    evaluation = tmp_path / "eval"
+    cli("evaluate", "--model", trained, "--manifest", toy_manifest, "--split", "val", "--bootstrap", "0",
+        "--out", evaluation)
+    out = tmp_path / "cmp"
+    cli("evaluate", "--compare", evaluation, evaluation, "--bootstrap", "0", "--out", out)
+    before = (out / "comparison.json").read_text()
+    broken = _edited_copy(evaluation, tmp_path / case, **change)
+    result = cli("evaluate", "--compare", evaluation, broken, "--bootstrap", "0", "--out", out, "--overwrite",
+                 expect=2)
+    assert re.search(message, result.output), result.output
+    assert (out / "comparison.json").read_text() == before
 
 
 def test_evaluating_an_unfinished_training_run_says_so(trained, toy_manifest, tmp_path):

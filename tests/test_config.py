@@ -255,6 +255,8 @@ def test_config_path_takes_shipped_names_and_the_readme_spelling_from_anywhere(t
     assert config_path("elsewhere/demo.yaml") == Path("elsewhere/demo.yaml")  # load_yaml will say not found
     with pytest.raises(InputError, match=r"config 'demoo' is neither a file nor a shipped config \(shipped: .*demo"):
         config_path("demoo")
+    (tmp_path / "demo").mkdir()  # e.g. the demo's run folder: a folder never hides the shipped config
+    assert config_path("demo").read_text() == (CONFIGS / "demo.yaml").read_text()
 
 
 @pytest.mark.parametrize("command, config", [("train-classifier", "derm-dev-classifier"),
@@ -266,3 +268,17 @@ def test_commands_read_shipped_configs_by_name(command, config, tmp_path, monkey
     assert "missing.csv" in result.output and "config" not in result.output.lower(), result.output
     result = runner.invoke(app, [*command.split(), "--config", "nosuch", "--manifest", "missing.csv", "--out", "o"])
     assert "config 'nosuch' is neither a file nor a shipped config" in result.output
+
+
+def test_a_refused_mapping_from_a_flag_names_the_flag():
+    """`--confusion mel-nv=2` is one flag giving a whole mapping: the error names it, not the config section."""
+    from lesiongen.synthesis.mining import MiningConfig
+    from lesiongen.synthesis.pipeline import SynthesisConfig
+
+    flags = {"confusion_weights": {"mel-nv": 2.0}}
+    with pytest.raises(InputError, match=r"^--confusion: confusion pair 'mel-nv' must look like 'mel<->nv'"):
+        from_dict(MiningConfig, flags, where="mine", flags=flags, flag_names={"confusion_weights": "--confusion"})
+    nested = {"predictions": "p.csv", "manifest": "m.csv", "base": "b", "out": "o", "mining": flags}
+    with pytest.raises(InputError, match=r"^--confusion: confusion pair"):
+        from_dict(SynthesisConfig, nested, where="mine-and-generate", flags={"mining": flags},
+                  flag_names={"mining.confusion_weights": "--confusion"})

@@ -179,6 +179,11 @@ def test_bad_input_is_named(toy_manifest, clean_toy, tmp_path, cache):
     result = runner.invoke(app, base[:-2] + ["--classifier", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "--classifier" in result.output
 
+    swapped = ["evaluate-synthetic", "--real", str(synthetic), "--synthetic", str(synthetic),
+               "--inception-feature", "none", "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, swapped)  # the synthetic manifest given as the real one
+    assert result.exit_code == 2 and "no real rows (every row has synthetic=1)" in result.output
+
 
 def test_bad_device_is_named(toy_manifest, clean_toy, tmp_path, cache, monkeypatch):
     import torch

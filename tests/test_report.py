@@ -149,6 +149,31 @@ def test_report_of_a_folder_that_is_not_a_run(tmp_path):
     assert "unknown key" not in result.output
 
 
+def test_report_of_a_run_with_an_unreadable_summary_reads_the_stage_folders(tiny_loop_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_loop_run.run_dir, run_dir, ignore=shutil.ignore_patterns("report*"))
+    CliRunner().invoke(app, ["report", str(run_dir)])
+    intact = (run_dir / "report.md").read_text(encoding="utf-8")
+    summary = run_dir / "metrics.json"
+    summary.write_text(summary.read_text()[:300])  # cut short
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert f"WARNING: {summary} is unreadable (not valid JSON" in result.output
+    assert (run_dir / "report.md").read_text(encoding="utf-8") == intact  # the same numbers, from their sources
+
+
+def test_report_of_a_run_killed_before_its_data_stage_says_how_to_continue(tiny_loop_run, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("config.yaml", "state.json", ".lesiongen.json"):
+        shutil.copy(tiny_loop_run.run_dir / name, run_dir / name)
+    (run_dir / "state.json").write_text(json.dumps({**json.loads((run_dir / "state.json").read_text()),
+                                                    "finished": {}}))
+    result = CliRunner(env={"COLUMNS": "2000"}).invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 2, result.output
+    assert "has not finished its data stage" in result.output and f"lesiongen loop --resume {run_dir}" in result.output
+
+
 def test_report_of_a_test_mining_run_leads_with_the_leakage_warning(tiny_loop_run, tmp_path):
     import yaml
 

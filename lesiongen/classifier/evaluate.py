@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from lesiongen.data.manifest import numeric_column, read_csv_text
 from lesiongen.errors import InputError
 from lesiongen.metrics.bootstrap import bootstrap_ci
 from lesiongen.metrics.clinical import ClinicalSpec, clinical_metrics, confusion_matrix, operating_points
@@ -32,6 +33,8 @@ from lesiongen.utils.outdir import check_replaceable, write_marker
 PREDICTIONS = "predictions.csv"
 PREDICTIONS_META = "predictions.meta.json"
 METRICS = "metrics.json"
+EVALUATION_META_KEYS = ("manifest", "manifest_sha256", "split", "classes", "model")
+EVALUATION_ROW_COLUMNS = ("image", "label", "split", "group_id")
 
 
 @dataclass
@@ -54,6 +57,12 @@ class Evaluation:
     target: Tensor  # (N,) class indices
     classes: list[str]
     meta: dict  # manifest, manifest_sha256, split, classes, model
+    folder: Path | None = None  # the evaluation folder it was read from, if any
+
+    @property
+    def name(self) -> str:
+        """How messages name it: its folder, else its model."""
+        return str(self.folder if self.folder is not None else self.meta.get("model", "?"))
 
     @property
     def spec(self) -> ClinicalSpec:
@@ -163,21 +172,44 @@ def evaluate_model(model_dir: str | os.PathLike, manifest_path: str | os.PathLik
 
 
 def read_evaluation(folder: str | os.PathLike) -> Evaluation:
-    """An evaluation folder back as an `Evaluation` (probabilities from predictions.csv)."""
+    """An evaluation folder back as an `Evaluation` (probabilities from predictions.csv), every part checked:
+    a hand-edited or truncated file is an error naming the file, column or row, not a wrong comparison."""
     folder = Path(folder)
-    meta_path = folder / PREDICTIONS_META
-    if not (folder / PREDICTIONS).is_file() or not meta_path.is_file():
+    meta_path, csv_path = folder / PREDICTIONS_META, folder / PREDICTIONS
+    if not csv_path.is_file() or not meta_path.is_file():
         raise InputError(f"{folder}: not an evaluation folder (needs {PREDICTIONS} and {PREDICTIONS_META})")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    frame = pd.read_csv(folder / PREDICTIONS, dtype={"image": str, "label": str, "group_id": str, "split": str})
-    classes = list(meta["classes"])
-    missing = [f"prob_{c}" for c in classes if f"prob_{c}" not in frame]
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{meta_path}: not valid JSON ({err}); `lesiongen evaluate` writes this file") from err
+    missing = [k for k in EVALUATION_META_KEYS if k not in meta] if isinstance(meta, dict) else EVALUATION_META_KEYS
     if missing:
-        raise InputError(f"{folder / PREDICTIONS}: missing column(s) {missing}")
+        raise InputError(f"{meta_path}: missing key(s) {list(missing)}; expected the file `lesiongen evaluate` writes")
+    classes = meta["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise InputError(f"{meta_path}: 'classes' must be a list of class names, got {classes!r}")
+    frame = read_csv_text(csv_path)
+    prob_columns = [f"prob_{c}" for c in classes]
+    missing = [c for c in (*EVALUATION_ROW_COLUMNS, *prob_columns) if c not in frame]
+    if missing:
+        raise InputError(f"{csv_path}: missing column(s) {missing}; expected the predictions `lesiongen evaluate` "
+                         "writes")
+    if frame.empty:
+        raise InputError(f"{csv_path}: no rows")
+    unknown = frame.index[~frame["label"].isin(classes)]
+    if len(unknown):
+        i = unknown[0]
+        raise InputError(f"{csv_path} row {i + 2}: label '{frame.at[i, 'label']}' is not one of {classes}")
+    duplicated = frame.index[frame["image"].duplicated()]
+    if len(duplicated):
+        i = duplicated[0]
+        raise InputError(f"{csv_path} row {i + 2}: image '{frame.at[i, 'image']}' is listed twice")
+    for column in prob_columns:
+        frame[column] = numeric_column(frame, column, csv_path, low=0.0, high=1.0)
     index = {c: i for i, c in enumerate(classes)}
-    probs = torch.as_tensor(frame[[f"prob_{c}" for c in classes]].to_numpy(dtype=np.float64))
+    probs = torch.as_tensor(frame[prob_columns].to_numpy(dtype=np.float64))
     target = torch.tensor(frame["label"].map(index).to_numpy(dtype=np.int64))
-    return Evaluation(frame, probs, target, classes, meta)
+    return Evaluation(frame, probs, target, classes, meta, folder=folder)
 
 
 def compare_evaluations(a: Evaluation, b: Evaluation, bootstrap: BootstrapSettings) -> dict:
@@ -186,10 +218,21 @@ def compare_evaluations(a: Evaluation, b: Evaluation, bootstrap: BootstrapSettin
         if a.meta.get(key) != b.meta.get(key):
             raise InputError(f"--compare: the two evaluations differ in {key} ({a.meta.get(key)!r} vs "
                              f"{b.meta.get(key)!r}); a paired comparison needs the same images")
-    order_b = pd.Series(range(len(b.rows)), index=b.rows["image"].to_numpy())
-    if set(order_b.index) != set(a.rows["image"]):
-        raise InputError("--compare: the two evaluations do not cover the same images")
-    aligned = torch.tensor(order_b.loc[a.rows["image"].to_numpy()].to_numpy())
+    images_a, images_b = a.rows["image"], b.rows["image"]
+    only_a, only_b = sorted(set(images_a) - set(images_b)), sorted(set(images_b) - set(images_a))
+    if only_a or only_b:
+        def listed(names: list[str]) -> str:
+            return f"{len(names)} (e.g. '{names[0]}')" if names else "0"
+        raise InputError(f"--compare: the two evaluations do not cover the same images: {listed(only_a)} only in "
+                         f"A ({a.name}), {listed(only_b)} only in B ({b.name})")
+    order_b = pd.Series(range(len(b.rows)), index=images_b.to_numpy())
+    aligned = torch.tensor(order_b.loc[images_a.to_numpy()].to_numpy())
+    differ = (b.target[aligned] != a.target).nonzero().flatten()
+    if len(differ):
+        i = int(differ[0])
+        raise InputError(f"--compare: image '{images_a.iloc[i]}' is labelled '{a.classes[a.target[i]]}' in A "
+                         f"({a.name}) but '{b.classes[b.target[aligned[i]]]}' in B ({b.name}); a paired comparison "
+                         "needs the same labels")
     result = paired_comparison(a.probs.double(), b.probs.double()[aligned], a.target,
                                a.rows["group_id"].astype(str).tolist(), a.spec,
                                bootstrap.n_resamples, bootstrap.seed, bootstrap.confidence)

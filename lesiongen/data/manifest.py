@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from lesiongen.errors import InputError
@@ -113,6 +114,23 @@ def read_csv_text(path: Path) -> pd.DataFrame:
         raise InputError(f"{path}: empty file, expected a CSV with a header row") from err
     except pd.errors.ParserError as err:
         raise InputError(f"{path}: not a valid CSV ({err})") from err
+
+
+def numeric_column(df: pd.DataFrame, column: str, path: Path, *, low: float | None = None,
+                   high: float | None = None) -> pd.Series:
+    """`df[column]` (strings from `read_csv_text`, index = file row - 2) as finite floats within [low, high];
+    the first bad value is named by file, column and row."""
+    values = pd.to_numeric(df[column], errors="coerce").astype(float)
+    bad = ~np.isfinite(values)
+    if low is not None:
+        bad |= values < low
+    if high is not None:
+        bad |= values > high
+    if bad.any():
+        i = values.index[bad.to_numpy()][0]
+        expected = "a finite number" if low is None and high is None else f"a number in [{low}, {high}]"
+        raise InputError(f"{path}: column '{column}' row {i + 2}: '{df.at[i, column]}' is not {expected}")
+    return values
 
 
 def load_manifest(path: str | os.PathLike, *, root: str | os.PathLike | None = None,

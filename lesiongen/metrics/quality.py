@@ -149,6 +149,9 @@ def select_rows(manifest: Manifest, *, synthetic: bool, split: str = "all", max_
         what = "synthetic rows"
     else:
         chosen = manifest.subset(~manifest.is_synthetic)
+        if chosen.df.empty:
+            raise InputError(f"{manifest.where}: no real rows (every row has synthetic=1); --real takes the "
+                             "manifest of the real data set, e.g. the one `lesiongen data index` wrote")
         if split != "all":
             chosen = chosen.split(split)
         what = f"real rows in split '{split}'"

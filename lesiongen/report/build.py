@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,19 @@ from lesiongen.runs import CONFIG_FILE, STATE_FILE
 
 
 def load_summary(run_dir: Path, config: LoopConfig) -> dict:
-    """The run's metrics.json; a run still in progress is summarised from what has finished so far."""
+    """The run's metrics.json; a run still in progress is summarised from what has finished so far, and so is
+    a run whose metrics.json cannot be read (it is a copy of the stage folders' numbers)."""
     path = run_dir / SUMMARY_FILE
     if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(summary, dict) and "classes" in summary:
+                return summary
+            problem = "not a run summary"
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            problem = f"not valid JSON: {err}"
+        print(f"WARNING: {path} is unreadable ({problem}); reporting from the stage folders instead "
+              f"(delete it and `lesiongen loop --resume {run_dir}` writes it again)", file=sys.stderr)
     return collect(config, RunLayout(run_dir))
 
 
@@ -41,6 +51,9 @@ def build_document(run_dir: str | Path) -> Document:
                          f"`lesiongen loop` writes){hint}")
     config = load_resolved(run_dir / CONFIG_FILE)
     layout = RunLayout(run_dir)
+    if not layout.manifest.is_file():
+        raise InputError(f"{run_dir}: the run has not finished its data stage, so there is nothing to report yet; "
+                         f"continue it with `lesiongen loop --resume {run_dir}`")
     summary = load_summary(run_dir, config)
     results = tables.Results(summary)
     classes = summary["classes"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lesiongen.data.manifest import SPLITS, load_manifest, read_csv_text
+from lesiongen.data.manifest import SPLITS, load_manifest, numeric_column, read_csv_text
 from lesiongen.errors import InputError, LesiongenError
 from lesiongen.utils.hashing import sha256_file
 
@@ -169,12 +169,10 @@ def load_predictions(path: str | os.PathLike, manifest_path: str | os.PathLike, 
     if df.empty:
         raise InputError(f"{path} has no predictions on split '{split}' (its meta says split "
                          f"'{meta.get('split', '?')}'); evaluate the classifier on --split {split}")
-    for column in ("loss", "margin", *prob_columns):
-        values = pd.to_numeric(df[column], errors="coerce")
-        bad = values.index[values.isna()]
-        if len(bad):
-            raise InputError(f"{path}: column '{column}' row {bad[0] + 2}: '{df.at[bad[0], column]}' is not a number")
-        df[column] = values.astype(float)
+    for column in ("loss", "margin"):
+        df[column] = numeric_column(df, column, path)
+    for column in prob_columns:
+        df[column] = numeric_column(df, column, path, low=0.0, high=1.0)
     unknown = df.index[~df["label"].isin(classes) | ~df["pred"].isin(classes)]
     if len(unknown):
         i = unknown[0]
