@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from lesiongen.data.manifest import numeric_column, read_csv_text
+from lesiongen.data.manifest import check_rows, numeric_column, read_csv_text
 from lesiongen.errors import InputError
 from lesiongen.metrics.bootstrap import bootstrap_ci
 from lesiongen.metrics.clinical import ClinicalSpec, clinical_metrics, confusion_matrix, operating_points
@@ -196,14 +196,9 @@ def read_evaluation(folder: str | os.PathLike) -> Evaluation:
                          "writes")
     if frame.empty:
         raise InputError(f"{csv_path}: no rows")
-    unknown = frame.index[~frame["label"].isin(classes)]
-    if len(unknown):
-        i = unknown[0]
-        raise InputError(f"{csv_path} row {i + 2}: label '{frame.at[i, 'label']}' is not one of {classes}")
-    duplicated = frame.index[frame["image"].duplicated()]
-    if len(duplicated):
-        i = duplicated[0]
-        raise InputError(f"{csv_path} row {i + 2}: image '{frame.at[i, 'image']}' is listed twice")
+    check_rows(frame, frame["label"].isin(classes), csv_path,
+               lambda row: f": label '{row['label']}' is not one of {classes}")
+    check_rows(frame, ~frame["image"].duplicated(), csv_path, lambda row: f": image '{row['image']}' is listed twice")
     for column in prob_columns:
         frame[column] = numeric_column(frame, column, csv_path, low=0.0, high=1.0)
     index = {c: i for i, c in enumerate(classes)}

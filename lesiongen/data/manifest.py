@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +117,14 @@ def read_csv_text(path: Path) -> pd.DataFrame:
         raise InputError(f"{path}: not a valid CSV ({err})") from err
 
 
+def check_rows(df: pd.DataFrame, ok: pd.Series, path: Path, problem: Callable[[pd.Series], str]) -> None:
+    """Refuse the first row of `df` (from `read_csv_text`: file row = index + 2) where `ok` is False, as
+    `<path> row N<problem(row)>`."""
+    bad = df.index[~ok.to_numpy(dtype=bool)]
+    if len(bad):
+        raise InputError(f"{path} row {bad[0] + 2}{problem(df.loc[bad[0]])}")
+
+
 def numeric_column(df: pd.DataFrame, column: str, path: Path, *, low: float | None = None,
                    high: float | None = None) -> pd.Series:
     """`df[column]` (strings from `read_csv_text`, index = file row - 2) as finite floats within [low, high];
@@ -154,20 +163,12 @@ def load_manifest(path: str | os.PathLike, *, root: str | os.PathLike | None = N
         root = ((path.parent / meta["root"]) if "root" in meta else path.parent).resolve()
     for i, image in enumerate(df["image"]):
         check_relative_image_path(image, f"{path} row {i + 2}, column 'image'")
-    bad_split = df.index[~df["split"].isin(SPLITS)]
-    if len(bad_split):
-        i = bad_split[0]
-        raise InputError(f"{path} row {i + 2}, column 'split': '{df.at[i, 'split']}' is not one of {list(SPLITS)}")
-    duplicated = df.index[df["image"].duplicated()]
-    if len(duplicated):
-        i = duplicated[0]
-        raise InputError(f"{path} row {i + 2}: image '{df.at[i, 'image']}' is listed twice")
+    check_rows(df, df["split"].isin(SPLITS), path,
+               lambda row: f", column 'split': '{row['split']}' is not one of {list(SPLITS)}")
+    check_rows(df, ~df["image"].duplicated(), path, lambda row: f": image '{row['image']}' is listed twice")
     classes = classes or meta.get("classes") or sorted(set(df["label"]))
-    unknown = df.index[~df["label"].isin(classes)]
-    if len(unknown):
-        i = unknown[0]
-        raise InputError(f"{path} row {i + 2}, column 'label': unknown label '{df.at[i, 'label']}'; "
-                         f"expected one of {list(classes)}")
+    check_rows(df, df["label"].isin(classes), path,
+               lambda row: f", column 'label': unknown label '{row['label']}'; expected one of {list(classes)}")
     return Manifest(df, Path(root), list(classes), path, meta)
 
 

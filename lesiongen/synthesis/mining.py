@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lesiongen.data.manifest import SPLITS, load_manifest, numeric_column, read_csv_text
+from lesiongen.data.manifest import SPLITS, check_rows, load_manifest, numeric_column, read_csv_text
 from lesiongen.errors import InputError, LesiongenError
 from lesiongen.utils.hashing import sha256_file
 
@@ -173,10 +173,8 @@ def load_predictions(path: str | os.PathLike, manifest_path: str | os.PathLike, 
         df[column] = numeric_column(df, column, path)
     for column in prob_columns:
         df[column] = numeric_column(df, column, path, low=0.0, high=1.0)
-    unknown = df.index[~df["label"].isin(classes) | ~df["pred"].isin(classes)]
-    if len(unknown):
-        i = unknown[0]
-        raise InputError(f"{path} row {i + 2}: label/pred '{df.at[i, 'label']}'/'{df.at[i, 'pred']}' not in {classes}")
+    check_rows(df, df["label"].isin(classes) & df["pred"].isin(classes), path,
+               lambda row: f": label/pred '{row['label']}'/'{row['pred']}' not in {classes}")
     _check_rows_against_manifest(df, path, manifest_path, split)
     return Predictions(df.reset_index(drop=True), list(classes), path, meta)
 
