@@ -56,18 +56,20 @@ def loop(
 
 
 def _removed_on_failure(started: tuple[Path, bool] | None):
-    """A run this call created that fails before any stage finished (a bad path in its config, say) is
-    removed again, so the corrected `loop --config ...` just works."""
+    """A run this call created that fails before any stage but the (cheap) data stage finished (a bad base path
+    in its config, say) is removed again, so the corrected `loop --config ...` just works, and the run an
+    --overwrite replaced comes back."""
     import contextlib
 
+    from lesiongen.loop.layout import RunLayout
     from lesiongen.runs import RunDir, current_processes
     from lesiongen.utils.outdir import removed_on_failure
 
     if started is None:
         return contextlib.nullcontext()
     folder, existed = started
-    return removed_on_failure(folder, lambda path: RunDir(path).holds_progress(), existed=existed,
-                              active=current_processes().is_main_process)
+    return removed_on_failure(folder, lambda path: RunDir(path).holds_progress(besides=(RunLayout.DATA,)),
+                              existed=existed, active=current_processes().is_main_process)
 
 
 def _create_run(config: str, out: Path | None, seeds: int | None, rounds: int | None, sets: list[str],

@@ -119,7 +119,6 @@ class RunDir:
         folder.start(replace=overwrite)
         write_text(run.config_path, config_text)
         run._write_state({"version": STATE_VERSION, "created": _now(), "finished": {}})
-        folder.drop_replaced()  # the new run stands: it resumes from here
         return run
 
     @classmethod
@@ -180,10 +179,11 @@ class RunDir:
         write_json(self.state_path, state)
 
     # -- one process at a time --------------------------------------------------------------------
-    def holds_progress(self) -> bool:
-        """Anything a resumed run would keep: a finished stage, or a checkpoint of one being built."""
+    def holds_progress(self, besides: Iterable[str] = ()) -> bool:
+        """Anything a resumed run would keep: a finished stage (other than the cheap ones named in `besides`),
+        or a checkpoint of one being built."""
         try:
-            if self.finished():
+            if set(self.finished()) - set(besides):
                 return True
         except InputError:
             return True  # unreadable state: leave the folder for the user to look at

@@ -75,3 +75,23 @@ def test_loop_refuses_an_existing_run_folder_and_mixed_flags(tiny_loop_run):
     assert clash.returncode == 2 and "--resume" in clash.stderr + clash.stdout
     mixed = lesiongen("loop", "--resume", str(tiny_loop_run.run_dir), "--seeds", "3")
     assert mixed.returncode == 2
+
+
+def test_an_overwrite_that_stops_on_a_bad_base_gives_the_finished_run_back(tiny_loop_run, tmp_path):
+    """The base is checked in its stage, after the data stage: the new run is removed and the finished run it
+    was to replace comes back whole (a resume could not fix the new one: it keeps its config)."""
+    import shutil
+
+    import yaml
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_loop_run.run_dir, run_dir)
+    before = {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    config = yaml.safe_load(tiny_loop_run.config_file.read_text())
+    config["base"] = {"path": str(tmp_path)}  # a folder, but not a pipeline
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    result = lesiongen("loop", "--config", str(bad), "--out", str(run_dir), "--overwrite", "--no-report")
+    assert result.returncode == 2 and "stage base:" in result.stderr, result.stderr
+    assert {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()} == before
+    assert not (tmp_path / ".run.replaced").exists()

@@ -241,7 +241,7 @@ def test_a_failed_start_removes_what_it_created_unless_resumable(tmp_path):
 def test_overwrite_keeps_the_result_it_replaces_until_the_new_one_stands(tmp_path):
     """A bad input found after an --overwrite start (an unreadable image an hour in) gives the old result back;
     a new run that is resumable or finished replaces it for good."""
-    from lesiongen.utils.outdir import OutputFolder, replaced_path
+    from lesiongen.utils.outdir import OutputFolder, mark_complete, replaced_path
 
     out = tmp_path / "hard"
 
@@ -273,3 +273,10 @@ def test_overwrite_keeps_the_result_it_replaces_until_the_new_one_stands(tmp_pat
     assert (out / "manifest.csv").read_text() == "old" and not replaced_path(out).exists()
     finished("new")
     assert (out / "manifest.csv").read_text() == "new" and not replaced_path(out).exists()
+    # killed during an --overwrite, then resumed to the end: the resumed result is the one a later failure keeps
+    OutputFolder(out, "mine-and-generate").start(replace=True)
+    (out / "manifest.csv").write_text("resumed")
+    mark_complete(out)  # what the resumed run does when it finishes
+    assert not replaced_path(out).exists()
+    overwrite_failing(resumable=False)
+    assert (out / "manifest.csv").read_text() == "resumed"

@@ -17,6 +17,7 @@ DEMO_CONFIG = "demo"
 
 
 def run_demo(out: str | os.PathLike, *, overwrite: bool = False, echo: Callable[[str], None] = print) -> Path:
+    from lesiongen.loop.layout import RunLayout
     from lesiongen.loop.run import create_run, run_loop
     from lesiongen.report import write_report
     from lesiongen.runs import RunDir, current_processes
@@ -35,7 +36,8 @@ def run_demo(out: str | os.PathLike, *, overwrite: bool = False, echo: Callable[
         created = not (out.is_dir() and not any(out.iterdir()))
         create_run(config, out, overwrite=overwrite)
         echo(f"demo run folder: {out}")
-    with removed_on_failure(out, lambda path: RunDir(path).holds_progress(), existed=not created,
+    with removed_on_failure(out, lambda path: RunDir(path).holds_progress(besides=(RunLayout.DATA,)),
+                            existed=not created,
                             active=created is not None and current_processes().is_main_process):
         outcome = run_loop(out, echo=echo)
     paths = write_report(outcome.run_dir)

@@ -14,6 +14,7 @@ from lesiongen.loop.plan import build_plan
 from lesiongen.loop.progress import StageProgress
 from lesiongen.loop.summary import SUMMARY_FILE, write_summary
 from lesiongen.runs import RunDir, StageRunner, current_processes
+from lesiongen.utils.outdir import mark_complete
 
 # The stage's own message names its command's flags; in a loop they are config keys, and `--resume` keeps the
 # config (every arm trains with the same settings), so a divergence is fixed in a new run.
@@ -66,6 +67,7 @@ def run_loop(run_dir: str | os.PathLike, *, echo: Callable[[str], None] = print)
                 progress.finish()
             else:
                 echo(f"{run.root}: all {len(plan)} stages already finished; nothing to do")
+            mark_complete(run.root)  # every stage finished (a result an --overwrite replaced goes now)
         processes.wait_for_everyone()
     finally:
         if processes.is_main_process:

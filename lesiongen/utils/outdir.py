@@ -45,6 +45,7 @@ KINDS: dict[str, Kind] = {
     "evaluation": Kind("evaluation", (("metrics.json", "predictions.csv"),)),
     "comparison": Kind("comparison", (("comparison.json",),)),
     "finetune": Kind("finetune", (("adapter.json", "config.yaml"), ("config.yaml", "checkpoint-*"))),
+    "export": Kind("adapter export"),
     "generation": Kind("generation", (("generation.json",),)),
     "mining": Kind("mining", (("hard_cases.csv", "mining.json"),)),
     "mine-and-generate": Kind("mine-and-generate", (("config.yaml", "hard_cases.csv"),)),
@@ -74,10 +75,13 @@ def write_marker(folder: str | os.PathLike, kind: str, *, complete: bool = True)
 
 
 def mark_complete(folder: str | os.PathLike, complete: bool = True) -> None:
-    """Record that the work in `folder` is (or is again not) finished; a folder without a marker is left alone."""
+    """Record that the work in `folder` is (or is again not) finished; a folder without a marker is left alone.
+    A finished result makes the one an --overwrite replaced (`replaced_path`) obsolete: it goes."""
     marker = read_marker(folder)
     if marker is not None and marker.get("kind") in KINDS and marker.get("complete") is not complete:
         write_marker(folder, marker["kind"], complete=complete)
+    if complete:
+        shutil.rmtree(replaced_path(folder), ignore_errors=True)
 
 
 def is_unfinished(folder: str | os.PathLike) -> bool:
@@ -195,16 +199,33 @@ def _resumable(path: Path, resumable: Callable[[Path], bool]) -> bool:
         return False
 
 
+def _settle_replaced(path: Path, resumable: Callable[[Path], bool], failed: bool) -> None:
+    """After the guarded work: a new result that stands (done, or failed but resumable) makes the replaced one
+    obsolete; a failed start that was removed gives it back."""
+    aside = replaced_path(path)
+    if not aside.exists():
+        return
+    if not failed or (path.is_dir() and _resumable(path, resumable)):
+        shutil.rmtree(aside, ignore_errors=True)
+    elif not path.exists():
+        os.replace(aside, path)
+
+
 @contextlib.contextmanager
 def removed_on_failure(path: str | os.PathLike, resumable: Callable[[Path], bool], *, existed: bool,
                        active: bool = True) -> Iterator[None]:
-    """On an exception, remove what this invocation created in `path` unless `resumable(path)`."""
+    """On an exception, remove what this invocation created in `path` unless `resumable(path)`, and give back
+    the result an --overwrite start moved aside; on success, that result goes."""
+    path = Path(path)
     try:
         yield
     except BaseException:
         if active:
-            _remove_unless_resumable(Path(path), resumable, existed)
+            _remove_unless_resumable(path, resumable, existed)
+            _settle_replaced(path, resumable, failed=True)
         raise
+    if active:
+        _settle_replaced(path, resumable, failed=False)
 
 
 def replaced_path(path: str | os.PathLike) -> Path:
@@ -233,9 +254,11 @@ class OutputFolder:
         """Create the folder and mark it; `replace` first moves the earlier output of this kind aside."""
         if self.existing and replace:
             aside = replaced_path(self.path)
-            if aside.exists():  # left by a killed --overwrite: it is the older finished result, keep it
+            if aside.exists() and not (read_marker(self.path) or {}).get("complete"):
+                # a killed --overwrite left an unfinished folder beside the finished result it was replacing
                 shutil.rmtree(self.path)
             else:
+                shutil.rmtree(aside, ignore_errors=True)
                 os.replace(self.path, aside)
             self.existing = False
         self.started = not self.existing
@@ -251,17 +274,6 @@ class OutputFolder:
 
     def finish(self) -> None:
         mark_complete(self.path)
-        self.drop_replaced()
-
-    def drop_replaced(self) -> None:
-        """The new result stands (finished, or resumable): the one it replaced goes."""
-        shutil.rmtree(replaced_path(self.path), ignore_errors=True)
-
-    def restore_replaced(self) -> None:
-        """The new start failed with nothing worth keeping: the result it was to replace comes back."""
-        aside = replaced_path(self.path)
-        if aside.is_dir() and not self.path.exists():
-            os.replace(aside, self.path)
 
 
 class _StartedGuard(contextlib.AbstractContextManager):
@@ -274,12 +286,7 @@ class _StartedGuard(contextlib.AbstractContextManager):
         folder = self.folder
         if not (self.active and folder.started):
             return None
-        if exc_type is None:
-            folder.drop_replaced()
-            return None
-        _remove_unless_resumable(folder.path, self.resumable, folder._existed)
-        if not folder.path.exists():
-            folder.restore_replaced()
-        elif _resumable(folder.path, self.resumable):  # the new run stands
-            folder.drop_replaced()
+        if exc_type is not None:
+            _remove_unless_resumable(folder.path, self.resumable, folder._existed)
+        _settle_replaced(folder.path, self.resumable, failed=exc_type is not None)
         return None
