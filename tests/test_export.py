@@ -168,3 +168,25 @@ def test_export_names_a_file_that_is_not_safetensors(tmp_path):
     result = runner.invoke(app, ["export", str(fake), "--to", "kohya"])
     assert result.exit_code == 2, result.output
     assert "fake.safetensors: not a readable safetensors file" in " ".join(result.output.replace("│", " ").split())
+
+
+def test_export_overwrite_replaces_an_export_and_refuses_anything_else(finetuned_adapter_dir, tmp_path):
+    out = tmp_path / "export"
+    first = runner.invoke(app, ["export", str(finetuned_adapter_dir), "--to", "diffusers", "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    assert (out / "learned_embeds.safetensors").is_file()
+    again = runner.invoke(app, ["export", str(finetuned_adapter_dir), "--to", "kohya", "--out", str(out)])
+    assert again.exit_code == 2 and "export folder" in again.output and "--overwrite" in again.output
+    result = runner.invoke(app, ["export", str(finetuned_adapter_dir), "--to", "kohya", "--out", str(out),
+                                 "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == [".lesiongen.json", "derm-tiny_kohya.safetensors"]  # no stale files
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    (tmp_path / "victim.csv").write_text("a,b\n")
+    for target, says in ((notes, "is not an adapter export output folder"), (tmp_path / "victim.csv", "is a file")):
+        refused = runner.invoke(app, ["export", str(finetuned_adapter_dir), "--to", "kohya", "--out", str(target),
+                                      "--overwrite"])
+        assert refused.exit_code == 2 and says in refused.output, refused.output
+    assert (notes / "notes.txt").read_text() == "mine" and (tmp_path / "victim.csv").read_text() == "a,b\n"

@@ -40,7 +40,8 @@ from lesiongen.diffusion.lora_files import (
     save_kohya_lora,
 )
 from lesiongen.errors import InputError
-from lesiongen.utils.atomic import ensure_writable
+from lesiongen.utils.atomic import atomic_dir
+from lesiongen.utils.outdir import check_replaceable, write_marker
 
 TARGETS = ("diffusers", "kohya", "a1111")
 
@@ -102,8 +103,7 @@ def export(source: str | os.PathLike, to: str, out: str | os.PathLike | None = N
     folder = source if source.is_dir() else source.parent
     info = AdapterInfo.load(folder) if (folder / ADAPTER_FILE).is_file() else None
     out = Path(out) if out is not None else folder / f"export-{to}"
-    ensure_writable(out, overwrite, what="export folder")
-    written: list[Path] = []
+    check_replaceable(out, "export", overwrite, what="export folder")  # only ever replaces an earlier export
     loras = [f for f in files if f.kind.startswith("lora")]
     embedding_files = [f.path for f in files if f.kind == "embedding"]
     if to == "kohya" and not loras:  # kohya files are LoRAs: embeddings have their own targets
@@ -115,19 +115,22 @@ def export(source: str | os.PathLike, to: str, out: str | os.PathLike | None = N
     embeddings: dict = {}
     for path in embedding_files:
         embeddings.update(load_embeddings(path, token=token, allow_pickle=allow_pickle))
-    for f in loras:
-        written.append(_convert_lora(f, to, out, info=info, base=base or (info.base if info else None),
-                                     allow_pickle=allow_pickle))
-    if embeddings and to == "diffusers":
-        header = info.metadata() if info else {}
-        written.append(save_diffusers_embeddings(out / DIFFUSERS_EMBEDDINGS_FILE, embeddings, header))
-    elif embeddings and to == "a1111":
-        classes = {t: c for c, t in info.classes.items()} if info else {}
-        for name, vectors in embeddings.items():
-            header = embedding_metadata(info, classes.get(name, ""), name) if info else {"lesiongen.token": name}
-            path = out / f"{trigger_word(name)}.{'pt' if embedding_format == 'pt' else 'safetensors'}"
-            written.append(save_a1111_embedding(path, vectors, header, step=info.steps if info else 0))
-    return written
+    written: list[Path] = []
+    with atomic_dir(out) as tmp:  # written whole: --overwrite replaces an export, never merges into it
+        for f in loras:
+            written.append(_convert_lora(f, to, tmp, info=info, base=base or (info.base if info else None),
+                                         allow_pickle=allow_pickle))
+        if embeddings and to == "diffusers":
+            header = info.metadata() if info else {}
+            written.append(save_diffusers_embeddings(tmp / DIFFUSERS_EMBEDDINGS_FILE, embeddings, header))
+        elif embeddings and to == "a1111":
+            classes = {t: c for c, t in info.classes.items()} if info else {}
+            for name, vectors in embeddings.items():
+                header = embedding_metadata(info, classes.get(name, ""), name) if info else {"lesiongen.token": name}
+                path = tmp / f"{trigger_word(name)}.{'pt' if embedding_format == 'pt' else 'safetensors'}"
+                written.append(save_a1111_embedding(path, vectors, header, step=info.steps if info else 0))
+        write_marker(tmp, "export")
+    return [out / p.relative_to(tmp) for p in written]
 
 
 def _convert_lora(f: SourceFile, to: str, out: Path, *, info: AdapterInfo | None, base: str | None,
