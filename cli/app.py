@@ -17,7 +17,9 @@ COMMAND_MODULES = ("data", "base", "classifier", "finetune", "synthesis", "quali
 
 class _Group(TyperGroup):
     """Shows a LesiongenError as one plain `Error: <message>` line on stderr, exit status 2, no
-    traceback. Plain text rather than a rich panel, so a long file path in the message is never cropped."""
+    traceback. Plain text rather than a rich panel, so a long file path in the message is never cropped.
+    So is an operating-system error about a path (an --out below a file, a full disk, no permission): the
+    path and the system's reason say what to fix; a traceback would not."""
 
     def invoke(self, ctx):
         try:
@@ -25,6 +27,24 @@ class _Group(TyperGroup):
         except LesiongenError as err:
             typer.echo(f"Error: {err}", err=True)
             raise typer.Exit(code=2) from err
+        except OSError as err:
+            if err.filename is None:
+                raise
+            typer.echo(f"Error: {_path_error(err)}", err=True)
+            raise typer.Exit(code=2) from err
+
+
+def _path_error(err: OSError) -> str:
+    from pathlib import Path
+
+    if isinstance(err, (FileExistsError, NotADirectoryError)):
+        path = Path(err.filename)
+        blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            deeper = f" (for {path})" if path != blocking else ""
+            return f"{blocking} is a file, but a folder is needed there{deeper}"
+    paths = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    return f"{paths}: {err.strerror or err}"
 
 
 def build_app() -> typer.Typer:

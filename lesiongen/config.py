@@ -16,8 +16,16 @@ import yaml
 
 from lesiongen.errors import InputError
 from lesiongen.utils.atomic import write_text
+from lesiongen.utils.text import not_utf8
 
 T = TypeVar("T")
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: where (line, column) and what, without its quoted excerpt."""
+    mark = getattr(err, "problem_mark", None)
+    what = " ".join(str(getattr(err, "problem", None) or err).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -26,8 +34,10 @@ def load_yaml(path: str | os.PathLike) -> dict:
         raise InputError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise not_utf8(path, err) from err
     except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML ({err})") from err
+        raise InputError(f"{path}: not valid YAML ({yaml_problem(err)})") from err
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping at the top level")
     return data

@@ -282,3 +282,21 @@ def test_a_refused_mapping_from_a_flag_names_the_flag():
     with pytest.raises(InputError, match=r"^--confusion: confusion pair"):
         from_dict(SynthesisConfig, nested, where="mine-and-generate", flags={"mining": flags},
                   flag_names={"mining.confusion_weights": "--confusion"})
+
+
+def test_yaml_that_is_not_utf8_or_not_yaml_is_one_line_naming_the_file_and_place(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes(b"epochs: 3\nnote: caf\xe9\n")
+    with pytest.raises(InputError, match=r"latin1\.yaml: not UTF-8 text \(byte 19, line 2: invalid"):
+        load_yaml(tmp_path / "latin1.yaml")
+    (tmp_path / "broken.yaml").write_text("epochs: [1\nlr: 2\n")
+    with pytest.raises(InputError) as caught:
+        load_yaml(tmp_path / "broken.yaml")
+    assert "broken.yaml: not valid YAML (line 2, column 3: expected ',' or ']'" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_out_below_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    result = CliRunner().invoke(app, ["data", "toy", "--out", str(tmp_path / "afile" / "sub")])
+    assert result.exit_code == 2, result.output
+    assert f"Error: {tmp_path / 'afile'} is a file, but a folder is needed there" in result.output

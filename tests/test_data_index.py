@@ -72,6 +72,11 @@ def test_index_is_deterministic_and_refuses_to_overwrite(toy_data_dir, toy_manif
         index_dataset(toy_data_dir, tmp_path / "again.csv")
     other = index_dataset(toy_data_dir, tmp_path / "again.csv", seed=1, overwrite=True)
     assert not other.df["split"].equals(again.df["split"])
+    labels = Path(toy_data_dir) / "labels.csv"  # the data set's own table: --overwrite never replaces it
+    before = labels.read_bytes()
+    with pytest.raises(OutputExistsError, match=r"is not a manifest lesiongen wrote \(no labels\.meta\.json"):
+        index_dataset(toy_data_dir, labels, overwrite=True)
+    assert labels.read_bytes() == before
 
 
 def test_missing_required_column(tiny_labels_dir):
@@ -192,7 +197,9 @@ def test_non_utf8_csv(tiny_labels_dir):
     with open(tiny_labels_dir / "labels.csv", "ab") as handle:
         handle.write("images/caf\u00e9.png,nv,L-x,41\n".encode("latin-1"))  # a Latin-1 row among UTF-8 ones
     message = cli_error(["data", "index", str(tiny_labels_dir / "labels.csv"), "--out", str(tiny_labels_dir / "m.csv")])
-    assert "labels.csv: not UTF-8 text" in message
+    rows = (tiny_labels_dir / "labels.csv").read_bytes()
+    line = rows.count(b"\n")  # the row just appended is the last one
+    assert f"labels.csv: not UTF-8 text (byte {rows.index(b'caf') + 3}, line {line}:" in message
 
 
 def test_isic_row_with_two_classes_and_unknown_class(tmp_path):

@@ -146,6 +146,7 @@ class ClassifierTrainer:
 
     def _start_out_dir(self) -> None:
         """Called once the inputs are validated, so a refused run leaves nothing behind."""
+        from lesiongen.utils.atomic import remove_temporaries
         from lesiongen.utils.outdir import write_marker
 
         acc = self.accelerator
@@ -154,6 +155,7 @@ class ClassifierTrainer:
                 self.output.start(replace=True)  # a fresh start: an earlier run's results go
             else:  # resumed: unfinished again until training completes
                 write_marker(self.out_dir, "classifier", complete=False)
+                remove_temporaries(self.out_dir)  # e.g. the evaluation folder a kill -9 stopped writing
             if self.checkpoint is None or not (self.out_dir / CONFIG_FILE).is_file():
                 save_config(self.config, self.out_dir / CONFIG_FILE)
         acc.wait_for_everyone()

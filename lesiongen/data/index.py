@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from lesiongen.data.manifest import SPLITS, Manifest, write_manifest
+from lesiongen.data.manifest import SPLITS, Manifest, meta_path_for, write_manifest
 from lesiongen.data.prompts import PromptSet, load_prompts
 from lesiongen.data.readers import SourceTable, read_source
 from lesiongen.data.scan import OK, scan_images
 from lesiongen.data.split import SplitConfig, assign_splits
-from lesiongen.errors import InputError
+from lesiongen.errors import InputError, OutputExistsError
 from lesiongen.utils.outdir import check_out_file
 
 
@@ -69,6 +69,9 @@ def index_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str = 
     except ValueError as err:
         raise InputError(f"split: {err}") from err
     out = check_out_file(out, overwrite, what="manifest")
+    if out.exists() and not meta_path_for(out).is_file():  # a labels.csv, someone's notes: not ours to replace
+        raise OutputExistsError(f"--out {out} is not a manifest lesiongen wrote (no {meta_path_for(out).name} beside "
+                                "it); --overwrite only replaces a manifest, so choose another --out")
     table = read_source(source, fmt, metadata_csv=metadata_csv)
     prompts = str(prompts or table.prompts)
     prompt_set = load_prompts(prompts)

@@ -22,6 +22,7 @@ import pandas as pd
 
 from lesiongen.errors import InputError
 from lesiongen.utils.atomic import atomic_path, write_json
+from lesiongen.utils.text import not_utf8
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("image", "label", "split", "group_id")
 SYNTHETIC_COLUMNS: tuple[str, ...] = ("synthetic", "source_image", "method", "strength", "seed", "generator_hash")
@@ -110,7 +111,7 @@ def read_csv_text(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); re-save it as UTF-8") from err
+        raise not_utf8(path, err) from err
     except pd.errors.EmptyDataError as err:
         raise InputError(f"{path}: empty file, expected a CSV with a header row") from err
     except pd.errors.ParserError as err:

@@ -11,8 +11,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-import yaml
-
+from lesiongen.config import load_yaml
 from lesiongen.errors import InputError
 
 _TOKEN_RE = re.compile(r"^<[a-z0-9][a-z0-9_-]*>$")
@@ -102,10 +101,7 @@ def load_prompts(path_or_dataset: str | os.PathLike = "ham10000") -> PromptSet:
         path = builtin_prompt_file(str(path_or_dataset))
     if not path.is_file():
         raise InputError(f"{path}: prompt file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML ({err})") from err
+    raw = load_yaml(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("classes"), dict) or not raw["classes"]:
         raise InputError(f"{path}: expected a mapping with a non-empty 'classes' mapping")
     classes: dict[str, ClassPrompt] = {}

@@ -20,6 +20,7 @@ import pandas as pd
 
 from lesiongen.data.manifest import check_relative_image_path, read_csv_text
 from lesiongen.errors import InputError
+from lesiongen.utils.text import not_utf8
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 FORMATS: tuple[str, ...] = ("ham10000", "isic2019", "imagefolder", "labels")
@@ -56,7 +57,7 @@ def _csv_header(path: Path) -> list[str]:
         with open(path, newline="", encoding="utf-8") as handle:
             return [name.strip() for name in next(csv.reader(handle), [])]
     except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); re-save it as UTF-8") from err
+        raise not_utf8(path, err) from err
 
 
 def _format_of_header(header: list[str]) -> str | None:

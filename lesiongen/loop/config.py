@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from lesiongen.classifier.config import TrainConfig
-from lesiongen.config import from_dict, load_yaml, merge, to_dict, value_origin
+from lesiongen.config import from_dict, load_yaml, merge, to_dict, value_origin, yaml_problem
 from lesiongen.data.manifest import SPLITS
 from lesiongen.diffusion.finetune.config import FinetuneConfig
 from lesiongen.diffusion.pretrain.config import PretrainConfig
@@ -309,7 +309,7 @@ def parse_set_options(items: list[str]) -> dict[str, Any]:
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError as err:
-            raise InputError(f"--set '{item}': value is not valid YAML ({err})") from err
+            raise InputError(f"--set '{item}': value is not valid YAML ({yaml_problem(err)})") from err
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -38,20 +38,22 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
         raise
 
 
-# `atomic_path`'s temporary names (mkstemp adds 8 characters): a kill -9 between write and rename leaves one.
+# The temporary names of `atomic_path` and `atomic_dir` (mkstemp / mkdtemp add 8 characters): a kill -9
+# between writing and renaming leaves one.
 _TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[^.]*)?$")
 
 
 def is_temporary(path: str | os.PathLike) -> bool:
-    """A file `atomic_path` was still writing (or had written but not yet renamed) when its process died."""
+    """A file or folder `atomic_path` / `atomic_dir` was still writing (or had not yet renamed) when its
+    process died."""
     return bool(_TEMPORARY.match(Path(path).name))
 
 
 def remove_temporaries(folder: str | os.PathLike) -> int:
     """Delete what killed writers left under `folder` (call before anyone writes there again); the count."""
-    leftovers = [p for p in Path(folder).rglob(".*") if p.is_file() and is_temporary(p)]
+    leftovers = [p for p in Path(folder).rglob(".*") if is_temporary(p)]
     for path in leftovers:
-        path.unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return len(leftovers)
 
 
