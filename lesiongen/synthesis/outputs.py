@@ -62,6 +62,7 @@ def finished_sources(out: Path) -> set[str]:
     folder = out / RECORDS
     if not folder.is_dir():
         return set()
+    # a resume deletes a killed run's temporaries first; another process may be writing one right now
     return {json.loads(p.read_text(encoding="utf-8"))["source"]["image"] for p in folder.glob("*.json")
             if not is_temporary(p)}
 

@@ -378,12 +378,12 @@ class Pretrainer:
         return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
 
     def _save(self) -> Path | None:
-        self._stop_if_diverged()
         now = time.monotonic()
         self.state.elapsed_s += now - self._clock
         self._clock = now
         if self._saved_at == self.state.global_step:
-            return None
+            return None  # saved (and checked) at this step already
+        self._stop_if_diverged()
         folder = ckpt.save_checkpoint(
             self.out, self.state, self._checkpoint_tensors(),
             optimizer=self.optimizer if self.config.save_optimizer and self.state.step > 0 else None,
