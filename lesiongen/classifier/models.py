@@ -178,13 +178,13 @@ def data_config(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]
 
 def save_classifier(model: nn.Module, info: ClassifierInfo, folder: str | os.PathLike) -> Path:
     """Write model.safetensors then classifier.json, each atomically (the json marks a complete model)."""
-    from safetensors.torch import save_file
+    from lesiongen.utils.tensor_files import save_safetensors
 
     folder = Path(folder)
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: its keys would gain '_orig_mod.'
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(folder / MODEL_FILE) as tmp:
-        save_file(state, str(tmp), metadata={"arch": info.arch, "format": "pt"})
+        save_safetensors(state, tmp, metadata={"arch": info.arch, "format": "pt"})
     write_json(folder / INFO_FILE, info.to_dict())
     return folder
 

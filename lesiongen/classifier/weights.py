@@ -82,7 +82,7 @@ def imagenet_weights_file(arch: str, cache_dir: str | os.PathLike | None = None)
                          ".safetensors file in timm's layout for this architecture")
     path = Path(cache_dir or cache_root()) / "weights" / f"{arch}.in1k.safetensors"
     if not path.is_file():
-        from safetensors.torch import save_file
+        from lesiongen.utils.tensor_files import save_safetensors
 
         read, convert = OFFLINE_IMAGENET[arch]
         # Reading the package's file draws from torch's global RNG (it builds a model); without the fork a
@@ -90,5 +90,5 @@ def imagenet_weights_file(arch: str, cache_dir: str | os.PathLike | None = None)
         with torch.random.fork_rng(devices=[]):
             state_dict = convert(read())
         with atomic_path(path) as tmp:  # several processes may convert at once: each renames a whole file
-            save_file(state_dict, str(tmp), metadata={"arch": arch, "source": "ImageNet-1k, offline package"})
+            save_safetensors(state_dict, tmp, metadata={"arch": arch, "source": "ImageNet-1k, offline package"})
     return path

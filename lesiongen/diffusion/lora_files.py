@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from lesiongen.errors import InputError
 from lesiongen.utils.atomic import atomic_path
+from lesiongen.utils.tensor_files import save_safetensors
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 LORA_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
@@ -123,7 +123,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     """Atomic safetensors write; every metadata value must already be a string."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
+        save_safetensors(tensors, tmp, metadata={"format": "pt", **metadata})
     return Path(path)
 
 

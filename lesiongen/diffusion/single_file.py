@@ -173,10 +173,10 @@ def export_single_file(pipe, out: str | os.PathLike, *, half: bool = True, overw
     (an in-house base) offline without a `--config` folder.
     """
     import torch
-    from safetensors.torch import save_file
 
     from lesiongen.diffusion.ldm_format import pipeline_to_ldm
     from lesiongen.utils.atomic import atomic_path, ensure_writable
+    from lesiongen.utils.tensor_files import save_safetensors
 
     out = ensure_writable(out, overwrite, what="checkpoint file")
     if out.suffix != ".safetensors":
@@ -190,5 +190,5 @@ def export_single_file(pipe, out: str | os.PathLike, *, half: bool = True, overw
         "modelspec.prediction_type": str(pipe.scheduler.config.get("prediction_type", "epsilon")),
     }
     with atomic_path(out) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+        save_safetensors(state, tmp, metadata=metadata)
     return out
