@@ -178,3 +178,25 @@ def test_another_request_into_a_generation_folder_is_refused(finetuned_adapter_d
     refused = generate("--adapter", finetuned_adapter_dir, "--class", "mel=1", "--out", data, "--overwrite", *QUICK)
     assert refused.exit_code == 2 and "is not a generation output folder" in refused.output
     assert (data / "manifest.csv").read_text() == "image,label,split\n"
+
+
+def test_a_wrong_out_is_refused_before_the_pipeline_loads(finetuned_adapter_dir, tmp_path, monkeypatch):
+    out = tmp_path / "gen"
+    first = generate("--adapter", finetuned_adapter_dir, "--class", "mel=1", "--out", out, *QUICK)
+    assert first.exit_code == 0, first.output
+
+    def no_load(**loading):
+        raise AssertionError("the pipeline was loaded for a request that was going to be refused")
+
+    monkeypatch.setattr("lesiongen.diffusion.generate.load_generator", no_load)
+    fewer = generate("--adapter", finetuned_adapter_dir, "--prompt", "a photo", "--class", "mel", "--out", out)
+    assert fewer.exit_code == 2 and "request" in fewer.output, fewer.output
+    reseeded = generate("--adapter", finetuned_adapter_dir, "--class", "mel=1", "--seed", "7", "--out", out)
+    assert reseeded.exit_code == 2 and "seed: 0 -> 7" in reseeded.output, reseeded.output
+    unlabelled = generate("--adapter", finetuned_adapter_dir, "--prompt", "a photo", "--out", tmp_path / "new")
+    assert unlabelled.exit_code == 2 and "cannot tell which class" in unlabelled.output
+    not_ours = tmp_path / "notes"
+    not_ours.mkdir()
+    (not_ours / "todo.txt").write_text("mine\n")
+    foreign = generate("--adapter", finetuned_adapter_dir, "--class", "mel", "--out", not_ours)
+    assert foreign.exit_code == 2 and "is not a generation output folder" in foreign.output

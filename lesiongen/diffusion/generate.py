@@ -213,21 +213,30 @@ def _keeps_every_image(old: dict, new: dict | None) -> bool:
             and new.get("n", 0) >= old.get("n", 0))
 
 
-def check_resumable(out_dir: Path, record: GenerationRecord, overwrite: bool) -> OutputFolder:
+def _request_changes(old_record: GenerationRecord, record: GenerationRecord) -> dict[str, tuple]:
+    """What `record` asks for that the folder made for `old_record` cannot give by completing itself."""
+    if old_record.request is not None and not _keeps_every_image(old_record.request, record.request):
+        return {"request": (old_record.request, record.request)}
+    if old_record.request is None and record.requests < old_record.requests:  # folders of older versions
+        return {"images requested": (old_record.requests, record.requests)}
+    return {}
+
+
+def check_resumable(out_dir: Path, record: GenerationRecord, overwrite: bool, *,
+                    settings_known: bool = True) -> OutputFolder:
     """A folder is completed (or extended: higher counts) only by the same request and settings; a request
     that would drop images, or other settings, needs another folder or --overwrite (which replaces only a
-    folder `generate` made)."""
+    folder `generate` made). `settings_known=False` checks only the request and the seed: what is known
+    before the pipeline loads, so a wrong --out fails in a second, not after the load."""
     folder = OutputFolder(out_dir, "generation")
     path = out_dir / GENERATION_FILE
     if not folder.existing or not path.is_file():
         return folder
     old_record = GenerationRecord(**json.loads(path.read_text(encoding="utf-8")))
     old = old_record.locked()
-    changed = {k: (old[k], v) for k, v in record.locked().items() if old[k] != v}
-    if old_record.request is not None and not _keeps_every_image(old_record.request, record.request):
-        changed["request"] = (old_record.request, record.request)
-    elif old_record.request is None and record.requests < old_record.requests:  # folders of older versions
-        changed["images requested"] = (old_record.requests, record.requests)
+    locked = record.locked() if settings_known else {"seed": record.settings.get("seed")}
+    changed = {k: (old[k], v) for k, v in locked.items() if old[k] != v}
+    changed.update(_request_changes(old_record, record))
     if changed and not overwrite:
         details = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise OutputExistsError(f"{out_dir} holds images generated for another request or with other settings "
@@ -425,12 +434,22 @@ def run_generate(*, classes: list[str] | None, n: int, prompt: str | None, out: 
     if prompt is None and not classes:
         raise InputError("pass --class (one or more, or 'all') or --prompt")
     _, prompt_set = adapter_and_prompts(loading.get("adapter"), loading.get("prompts"))
-    counts = class_counts(classes, n, prompt_set) if prompt is None else {}  # bad classes fail before the load
-    if prompt is not None and classes:
-        if "=" in classes[0]:
+    # Everything checkable without the pipeline is checked first: bad classes, an unlabelled prompt, an --out
+    # that holds another request's images fail in a second, not after the load.
+    counts: dict[str, int] = {}
+    if prompt is None:
+        counts = class_counts(classes, n, prompt_set)
+        request: dict = {"classes": counts}
+    else:
+        if classes and "=" in classes[0]:
             raise InputError(f"--class {classes[0]}: with --prompt, --class is only the images' label (CLASS); "
                              "give their number with --n")
-        prompt_set.get(classes[0])
+        label = classes[0] if classes else None
+        labelled = prompt_requests(prompt_set, prompt, n, seed, label)
+        request = {"prompt": prompt, "label": labelled[0].label if labelled else label, "n": n}
+    check_resumable(Path(out), GenerationRecord(settings={"seed": seed}, base="", base_hash="", adapter=None,
+                                                adapter_hash=None, prompt_file="", classes=[], request=request),
+                    overwrite, settings_known=False)
     generator = load_generator(**loading)
     if prompt is not None:
         return generator.prompt_folder(prompt, classes[0] if classes else None, n, seed, out, overwrite=overwrite,
