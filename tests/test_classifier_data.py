@@ -190,3 +190,20 @@ def test_synthetic_manifest_without_synthetic_rows_is_an_error(toy_manifest):
     expected = re.escape(f"{toy_manifest}: has no synthetic rows (column synthetic = 1)")
     with pytest.raises(InputError, match=expected):
         load_synthetic([str(toy_manifest)], real)
+
+
+def test_variants_must_come_from_the_real_manifest_with_its_split_and_lesion(toy_manifest, tmp_path):
+    real = load_manifest(toy_manifest)
+    path = make_synthetic_manifest(toy_manifest, tmp_path / "d", split="val", per_class=1)
+    source = load_manifest(path).df.loc[0, "source_image"]
+    resplit = real.df.copy()  # the same data indexed again: the first variant's source is now a test image
+    resplit.loc[resplit["image"] == source, "split"] = "test"
+    resplit_path = tmp_path / "resplit.csv"
+    write_manifest(Manifest(resplit, real.root, real.classes), resplit_path)
+    with pytest.raises(InputError, match=rf"synthetic.csv row 2: its source {re.escape(source)} is split 'test'"):
+        load_synthetic([path], load_manifest(resplit_path))
+    df = load_manifest(path).df.copy()
+    df.loc[1, "source_image"] = "images/elsewhere.png"
+    write_manifest(Manifest(df, tmp_path / "d", sorted(set(df["label"]))), path)
+    with pytest.raises(InputError, match=r"row 3: source_image 'images/elsewhere.png' is not an image of the real"):
+        load_synthetic([path], real)

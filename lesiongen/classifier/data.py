@@ -26,7 +26,7 @@ from torch.utils.data import Sampler
 
 from lesiongen.classifier.config import TrainConfig
 from lesiongen.data.images import load_uint8
-from lesiongen.data.manifest import Manifest, load_manifest
+from lesiongen.data.manifest import Manifest, check_rows, load_manifest
 from lesiongen.errors import InputError
 
 
@@ -52,8 +52,42 @@ def load_synthetic(paths: list[str], real: Manifest) -> list[Manifest]:
         if extra:
             raise InputError(f"{path}: synthetic classes {extra} are not classes of the real manifest "
                              f"{real.where} ({real.classes})")
+        check_sources(synthetic, real)
         manifests.append(synthetic)
     return manifests
+
+
+def check_sources(synthetic: Manifest, real: Manifest) -> None:
+    """A variant of a real image (`source_image` set) must come from an image of `real`, with its split and
+    lesion id: variants made on another split of the same data (a re-indexed manifest) would put that
+    split's test images into training unnoticed. Rows without a source (txt2img) need no check."""
+    if "source_image" not in synthetic.df.columns:
+        return
+    df = synthetic.df
+    sourced = synthetic.is_synthetic & df["source_image"].fillna("").astype(str).str.len().gt(0)
+    if not sourced.any():
+        return
+    source_root = real.root
+    source_manifest = synthetic.meta.get("source_manifest")
+    if source_manifest and Path(source_manifest).is_file():
+        source_root = load_manifest(source_manifest).root
+    by_path = {os.path.normpath(real.root / image): i for i, image in enumerate(real.df["image"])}
+    found = [by_path.get(os.path.normpath(source_root / image)) if ok else None
+             for image, ok in zip(df["source_image"].astype(str), sourced)]
+    in_real = pd.Series([i is not None for i in found], index=df.index)
+    check_rows(df, in_real | ~sourced, synthetic.path or Path(synthetic.where), lambda row: (
+        f": source_image '{row['source_image']}' is not an image of the real manifest {real.where}; these variants "
+        "were made from another data set or manifest, so they could hold its val/test images. Train with the "
+        "manifest they were made from"))
+    real_split_of = pd.Series([real.df["split"].iat[i] if i is not None else "" for i in found], index=df.index)
+    real_group_of = pd.Series([str(real.df["group_id"].iat[i]) if i is not None else "" for i in found],
+                              index=df.index)
+    same = (df["split"].astype(str) == real_split_of) & (df["group_id"].astype(str) == real_group_of)
+    check_rows(df, same | ~sourced, synthetic.path or Path(synthetic.where), lambda row: (
+        f": its source {row['source_image']} is split '{real_split_of[row.name]}', lesion "
+        f"'{real_group_of[row.name]}' in {real.where}, but the row says split '{row['split']}', lesion "
+        f"'{row['group_id']}'; the manifest was split again after the variants were made. Make the variants "
+        "from this manifest's predictions, or train with the manifest they were made from"))
 
 
 @dataclass
