@@ -189,6 +189,7 @@ def _compare(pair: tuple[Path, Path], manifest: Path | None, split: str, out: Pa
         result = compare_evaluations(evaluations[0], evaluations[1], settings)
         write_json(out / "comparison.json", result)
         folder.finish()
+    _print_leakage(result)
     typer.echo(f"A = {result['a']}\nB = {result['b']}\n{result['split']} split, {result['n_images']} images, "
                f"{result['n_lesions']} lesions")
     for name, row in _headline(result["metrics"]).items():
@@ -220,7 +221,13 @@ def _check_compared(label: str, source: Path, manifest: Path | None) -> bool:
     return False
 
 
+def _print_leakage(report: dict) -> None:
+    for warning in report.get("leakage_warnings", []):
+        typer.echo(f"WARNING: {warning}", err=True)
+
+
 def _print_report(report: dict) -> None:
+    _print_leakage(report)
     typer.echo(f"{report['split']} split: {report['n_images']} images, {report['n_lesions']} lesions")
     intervals = report.get("ci95", {})
     for name, value in _headline(report["metrics"]).items():

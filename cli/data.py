@@ -63,6 +63,11 @@ def index(
                f"{len(manifest.classes)} classes ({manifest.meta['dataset']}, {manifest.meta['format']} layout); "
                + ", ".join(f"{s} {int(counts.get(s, 0))}" for s in ("train", "val", "test"))
                + (f"; skipped {skipped} unreadable image(s)" if skipped else ""))
+    alone = manifest.meta.get("images_without_lesion_id", 0)
+    if alone:
+        typer.echo(f"WARNING: {alone} of {len(manifest)} images have no lesion id, so each is split as a lesion of "
+                   "its own: images of one lesion can land in train and test. Give the ids (a group_id or lesion_id "
+                   "column; for ISIC 2019, --metadata-csv with its lesion_id)", err=True)
 
 
 def check(

@@ -119,4 +119,5 @@ def summary_lines(report: dict) -> list[str]:
     lines.append(f"memorisation: {memo['n_flagged']} of {memo['n_synthetic']} flagged "
                  f"(nearest pHash distance {memo['phash_distance_min']} bits; threshold {memo['phash_threshold']})")
     lines += [f"warning: {w}" for w in report["warnings"]]
+    lines += [f"WARNING: {w}" for w in report.get("leakage_warnings", [])]
     return lines

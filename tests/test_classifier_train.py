@@ -529,3 +529,40 @@ def test_a_diverging_run_stops_with_the_epoch_and_keeps_what_came_before(env, to
     assert "model.safetensors holds the best epoch so far (1)" in result.output and "--overwrite" in result.output
     assert sha256_file(out / "model.safetensors") == sha256_file(first / "best" / "model.safetensors")
     assert [p.name for p in out.glob("checkpoint-*")] == [first.name]
+
+
+def test_scores_that_are_not_held_out_carry_a_leakage_warning(trained, toy_manifest, recipe, tmp_path):
+    clean = cli("evaluate", "--model", trained, "--manifest", toy_manifest, "--split", "test", "--bootstrap", "0",
+                "--out", tmp_path / "clean")
+    assert "WARNING" not in clean.output
+    assert "leakage_warnings" not in json.loads((tmp_path / "clean" / "metrics.json").read_text())
+    # variants of test images in training (what test mining gives): every score of the model says so
+    from_test = make_synthetic_manifest(toy_manifest, tmp_path / "syn", split="test", per_class=1)
+    leaky = tmp_path / "leaky"
+    ran = cli("train-classifier", "--manifest", toy_manifest, "--synthetic", from_test, "--config", recipe,
+              "--epochs", "1", "--out", leaky)
+    assert "LEAKAGE" not in ran.output  # by default test-split variants do not train: nothing leaks
+    assert json.loads((leaky / "classifier.json").read_text())["training"]["data"]["leakage_warnings"] == []
+    yaml_config = tmp_path / "all-splits.yaml"
+    yaml_config.write_text(yaml.safe_dump({**TINY_RECIPE, "epochs": 1, "synthetic_splits": ["train", "val", "test"]}))
+    ran = cli("train-classifier", "--manifest", toy_manifest, "--synthetic", from_test, "--config", yaml_config,
+              "--out", leaky, "--overwrite")
+    assert "WARNING: LEAKAGE: 7 synthetic images were made from TEST-split images" in ran.output
+    warned = json.loads((leaky / "classifier.json").read_text())["training"]["data"]["leakage_warnings"]
+    assert len(warned) == 1 and "made from TEST-split images" in warned[0]
+    cli("evaluate", "--compare", trained, leaky, "--manifest", toy_manifest, "--split", "test", "--bootstrap", "0",
+        "--out", tmp_path / "cmp")
+    assert json.loads((tmp_path / "cmp" / "b" / "metrics.json").read_text())["leakage_warnings"] == warned
+    assert json.loads((tmp_path / "cmp" / "comparison.json").read_text())["leakage_warnings"] == warned
+    # the same images indexed again with another split: earlier training images are now 'test' images
+    real = load_manifest(toy_manifest)
+    df = real.df.copy()
+    moved = df.index[df["split"] == "train"][:5]
+    df.loc[moved, "split"] = "test"
+    resplit = tmp_path / "resplit.csv"
+    write_manifest(Manifest(df, real.root, real.classes), resplit)
+    ran = cli("evaluate", "--model", trained, "--manifest", resplit, "--split", "test", "--bootstrap", "0",
+              "--out", tmp_path / "resplit-eval")
+    expected = f"LEAKAGE: 5 of the {int((df['split'] == 'test').sum())} 'test' images of {resplit}"
+    assert expected in ran.output
+    assert expected in json.loads((tmp_path / "resplit-eval" / "metrics.json").read_text())["leakage_warnings"][0]

@@ -227,3 +227,17 @@ def test_undetectable_source(tmp_path):
     (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
     message = cli_error(["data", "index", str(tmp_path), "--out", str(tmp_path / "m.csv")])
     assert str(tmp_path) in message and "cannot tell the layout" in message
+
+
+def test_lesion_ids_are_trimmed_and_images_without_one_are_warned_about(tiny_labels_dir, tmp_path):
+    def edit(df):
+        df.loc[0, "group_id"] = df.loc[1, "group_id"] + " "  # one lesion written two ways: must not be split
+        df.loc[2, "group_id"] = ""
+
+    rewrite_labels(tiny_labels_dir, edit)
+    result = runner.invoke(app, ["data", "index", str(tiny_labels_dir), "--out", str(tmp_path / "m.csv")])
+    assert result.exit_code == 0, result.output
+    df = load_manifest(tmp_path / "m.csv").df
+    assert df.loc[0, "group_id"] == df.loc[1, "group_id"] and df.loc[0, "split"] == df.loc[1, "split"]
+    assert "WARNING: 1 of 21 images have no lesion id, so each is split as a lesion of its own" in result.output
+    assert json.loads((tmp_path / "m.meta.json").read_text())["images_without_lesion_id"] == 1

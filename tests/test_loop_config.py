@@ -55,6 +55,7 @@ def test_seeds_count_and_canonical_arm_order():
      "leaves rows of that split out of training: the variants of its hard cases keep their source's split, so the "
      "mined and classical arms would add no image; add it (--set classifier.synthetic_splits=[train,val,test])"),
     ({"base": {"path": "/x", "pretrain": {}}}, "exactly one of path"),
+    ({"base": {"pretrain": {"split": "test"}}}, "base.pretrain.split is 'test': the loop's base learns the training"),
     ({"data": {"toy": None, "source": None}}, "exactly one of toy / source / manifest"),
     ({"generate": {"oversample": 2.0, "max_oversample": 1.5}}, "max_oversample must be >= generate.oversample"),
 ])

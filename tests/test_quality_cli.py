@@ -242,3 +242,17 @@ def test_in_memory_images_as_finetune_validation_uses_them(toy_manifest):
     result = evaluate_images(real, generated, spaces=feature_spaces(QualityConfig(inception_feature=None)))
     assert result.report["memorization"]["n_flagged"] == 10
     assert result.memorization.nearest_index.tolist() == list(range(10))
+
+
+def test_synthetic_images_made_from_test_images_carry_a_leakage_warning(toy_manifest, clean_toy, cache, tmp_path):
+    from lesiongen.metrics.quality import QualityConfig, evaluate_synthetic
+
+    path = write_synthetic_manifest(clean_toy, tmp_path / "synthetic.csv")
+    synthetic = load_manifest(path)
+    assert "leakage_warnings" not in evaluate_synthetic(load_manifest(toy_manifest), synthetic,
+                                                        config=QualityConfig(inception_feature=None))
+    synthetic.df.loc[:4, "split"] = "test"  # their sources were test images (variants keep the split)
+    report = evaluate_synthetic(load_manifest(toy_manifest), synthetic, config=QualityConfig(inception_feature=None))
+    assert report["leakage_warnings"] == [
+        "LEAKAGE: 5 synthetic images were made from TEST-split images; a classifier trained on them has no "
+        "held-out test score, and the memorisation check compared them with the 'train' images only"]

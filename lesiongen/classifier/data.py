@@ -25,9 +25,11 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from lesiongen.classifier.config import TrainConfig
+from lesiongen.classifier.held_out import leakage_warnings
 from lesiongen.data.images import load_uint8
 from lesiongen.data.manifest import Manifest, check_rows, load_manifest
 from lesiongen.errors import InputError
+from lesiongen.utils.hashing import sha256_file
 
 
 def real_split(manifest: Manifest, split: str) -> Manifest:
@@ -94,7 +96,7 @@ def check_sources(synthetic: Manifest, real: Manifest) -> None:
 class TrainingTable:
     """One row per training image: absolute path, class index, loss weight, whether synthetic."""
 
-    rows: pd.DataFrame  # columns: path, label, label_index, weight, synthetic, group_id, split
+    rows: pd.DataFrame  # columns: path, label, label_index, weight, synthetic, group_id, split, leakage_warning
     classes: list[str]
     summary: dict  # per-class counts, what was dropped and why (saved in classifier.json)
 
@@ -120,12 +122,14 @@ def training_table(real: Manifest, synthetic: list[Manifest], config: TrainConfi
     index = {c: i for i, c in enumerate(real.classes)}
     rows["label_index"] = rows["label"].map(index).astype(np.int64)
     summary = {
+        "manifest_sha256": sha256_file(real.path) if real.path else None,  # evaluate checks what trained
         "real": {c: int(real_counts.get(c, 0)) for c in real.classes},
         "synthetic_used": {c: int((kept["label"] == c).sum()) for c in real.classes},
         "synthetic_outside_splits": int((~in_splits).sum()),
         "synthetic_over_cap": int(in_splits.sum() - len(kept)),
         "synthetic_splits": list(config.synthetic_splits),
         "synthetic_manifests": [str(m.path) for m in synthetic],
+        "leakage_warnings": leakage_warnings(kept),
     }
     return TrainingTable(rows, list(real.classes), summary)
 
@@ -163,6 +167,7 @@ def selection_rows(val: Manifest, table: TrainingTable, rule: str) -> SelectionR
 
 def _rows(manifest: Manifest, *, synthetic: bool) -> pd.DataFrame:
     df = manifest.df
+    warning = df["leakage_warning"].fillna("").astype(str).to_numpy() if "leakage_warning" in df else ""
     return pd.DataFrame({
         "path": [os.path.join(manifest.root, p) for p in df["image"]],
         "label": df["label"].to_numpy(),
@@ -170,6 +175,7 @@ def _rows(manifest: Manifest, *, synthetic: bool) -> pd.DataFrame:
         "synthetic": synthetic,
         "group_id": df["group_id"].to_numpy(),
         "split": df["split"].to_numpy(),
+        "leakage_warning": warning,
     })
 
 

@@ -150,6 +150,7 @@ def evaluate_model(model_dir: str | os.PathLike, manifest_path: str | os.PathLik
 
     from lesiongen.classifier.config import TTA_MODES
     from lesiongen.classifier.data import decode, real_split
+    from lesiongen.classifier.held_out import held_out_warnings
     from lesiongen.classifier.models import load_classifier
     from lesiongen.classifier.predict import predict_distributed
     from lesiongen.data.manifest import load_manifest
@@ -167,8 +168,11 @@ def evaluate_model(model_dir: str | os.PathLike, manifest_path: str | os.PathLik
     with accelerator.main_process_first():  # the first process decodes and caches, the others read the cache
         data = decode(rows.image_paths(), rows.label_indices(), info.decode_size, cache_dir=cache)
     probs = predict_distributed(accelerator, model, info, data.images, batch_size=batch_size)
-    return Evaluation(rows.df, probs, data.labels, list(info.classes),
-                      {**evaluation_meta(manifest_path, split, info.classes, str(model_dir)), "tta": info.tta})
+    meta = {**evaluation_meta(manifest_path, split, info.classes, str(model_dir)), "tta": info.tta}
+    warnings = held_out_warnings(info, manifest, rows.df, split)
+    if warnings:
+        meta["leakage_warnings"] = warnings
+    return Evaluation(rows.df, probs, data.labels, list(info.classes), meta)
 
 
 def read_evaluation(folder: str | os.PathLike) -> Evaluation:
@@ -231,8 +235,10 @@ def compare_evaluations(a: Evaluation, b: Evaluation, bootstrap: BootstrapSettin
     result = paired_comparison(a.probs.double(), b.probs.double()[aligned], a.target,
                                a.rows["group_id"].astype(str).tolist(), a.spec,
                                bootstrap.n_resamples, bootstrap.seed, bootstrap.confidence)
+    warnings = list(dict.fromkeys([*a.meta.get("leakage_warnings", []), *b.meta.get("leakage_warnings", [])]))
     return _json_safe({"a": a.meta["model"], "b": b.meta["model"], "manifest": a.meta["manifest"],
-                       "manifest_sha256": a.meta["manifest_sha256"], "split": a.meta["split"], **result})
+                       "manifest_sha256": a.meta["manifest_sha256"], "split": a.meta["split"],
+                       **({"leakage_warnings": warnings} if warnings else {}), **result})
 
 
 def _json_safe(value):

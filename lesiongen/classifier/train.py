@@ -205,6 +205,8 @@ class ClassifierTrainer:
         if left_out:
             self.accelerator.print(f"warning: {left_out} synthetic rows belong to splits outside synthetic_splits "
                                    f"{self.config.synthetic_splits} and do not train (their sources' split)")
+        for warning in self.info.training["data"]["leakage_warnings"]:
+            self.accelerator.print(f"WARNING: {warning}")
         summary = self.selection.summary
         if summary.get("note"):
             self.accelerator.print(f"warning: {summary['note']}")

@@ -80,7 +80,8 @@ def index_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str = 
     df["label"] = normalise_labels(table, prompt_set)
     if table.format in ("labels", "imagefolder") and (raw_labels != df["label"]).any():
         df.insert(df.columns.get_loc("group_id") + 1, "source_label", raw_labels)
-    own_group = df["group_id"].str.strip() == ""
+    df["group_id"] = df["group_id"].astype(str).str.strip()  # "L1 " and "L1" are one lesion, in one split
+    own_group = df["group_id"] == ""
     df.loc[own_group, "group_id"] = df.loc[own_group, "image"]  # an image without a lesion id is its own lesion
 
     scan = scan_images([table.root / image for image in df["image"]], hashes=False, workers=workers)
@@ -99,5 +100,6 @@ def index_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str = 
                    source=str(Path(table.source_file or table.root).resolve()), prompts=prompts,
                    fractions=dict(zip(SPLITS, config.fractions)),
                    seed=config.seed, split_unit="group_id", n_images=len(df),
-                   n_groups=int(df["group_id"].nunique()), skipped_unreadable=skipped)
+                   n_groups=int(df["group_id"].nunique()), skipped_unreadable=skipped,
+                   images_without_lesion_id=int(own_group.drop(index=bad).sum()))
     return manifest

@@ -97,6 +97,10 @@ class BaseSection:
         if len(given) != 1:
             raise ValueError(f"base needs exactly one of path (a local checkpoint), asset (shipped) or pretrain "
                              f"(options), got {given or 'none'}")
+        if self.pretrain is not None and getattr(self.pretrain, "split", "train") != "train":
+            raise ValueError(f"base.pretrain.split is '{self.pretrain.split}': the loop's base learns the training "
+                             "split only (val selects the classifiers and is mined, test reports them); remove the "
+                             "key")
         if self.asset is not None and not asset_path(self.asset).is_file():
             raise ValueError(f"base.asset '{self.asset}' is not shipped in lesiongen/assets/")
 

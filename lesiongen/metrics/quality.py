@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lesiongen.classifier.held_out import leakage_warnings
 from lesiongen.data.manifest import Manifest
 from lesiongen.errors import InputError
 from lesiongen.metrics.fid import DEFAULT_KID_SUBSET_SIZE, DEFAULT_KID_SUBSETS, distribution_distances
@@ -460,6 +461,10 @@ def evaluate_synthetic(real: Manifest, synthetic: Manifest, classifier_dir: str 
                                    role="synthetic", split="synthetic", cacheable=False)
     result = evaluate_images(real_set, synthetic_set, spaces=feature_spaces(config, classifier_dir), config=config)
     result.report["warnings"] = _resolution_warning(real_sizes, synthetic_sizes, size) + result.report["warnings"]
+    leakage = leakage_warnings(synthetic_rows.df, "a classifier trained on them has no held-out test score, and "
+                               f"the memorisation check compared them with the '{config.real_split}' images only")
+    if leakage:
+        result.report = {"leakage_warnings": leakage, **result.report}
     if folder is not None:
         from lesiongen.metrics.quality_plots import write_quality_outputs
 

@@ -115,7 +115,9 @@ def _overview(summary: dict, config: LoopConfig, gaps: dict[str, dict[str, tuple
            " over every validation row (`selection: all`), including the mined hard cases whose variants the "
            "mined and classical arms train on; the model-selection table gives the score without them."),
         f"{summary['rounds']} round(s), seeds {summary['seeds']}; hard cases mined on the "
-        f"{summary['mining_split']} split; the test split was used only for the numbers below.",
+        f"{summary['mining_split']} split; " + (
+            "the test split was used only for the numbers below." if summary["mining_split"] != "test" else
+            "the test split was mined, so the numbers below are NOT held out (see the warning above)."),
         steps_line
         + "; the classical and random arms are given as many "
         "images per class as the mined arm, so comparing the arms with each other isolates the generator "

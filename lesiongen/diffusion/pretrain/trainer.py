@@ -88,6 +88,8 @@ class Pretrainer:
         self.data: ClassImages = load_class_images(self.manifest, config.split, preset.resolution,
                                                    cache_dir=config.cache_dir)
         self.class_prompts = self._class_prompts()
+        if self.leakage_warning:
+            self.log(f"WARNING: {self.leakage_warning}")
         self.images = self.data.images.to(self.device)
         self.labels = self.data.labels.to(self.device)
         self.state = ckpt.TrainerState()
@@ -476,6 +478,15 @@ class Pretrainer:
         self._append_metrics(record)
         return record
 
+    @property
+    def leakage_warning(self) -> str | None:
+        """A base is meant to learn the training split; one that learned val or test images passes them on."""
+        if self.config.split == "train":
+            return None
+        return (f"LEAKAGE: the base learns the '{self.config.split}' split of {self.manifest}; images it generates "
+                f"can reproduce those images, so a classifier trained on them has no held-out "
+                f"'{self.config.split}' score")
+
     def evaluate_vae(self, split: str = "val") -> dict | None:
         """How much class evidence survives the finished VAE, on held-out real images: the judge's balanced
         accuracy on their round trips, beside its accuracy on the originals (`SampleJudge.reconstruction`)."""
@@ -528,6 +539,7 @@ class Pretrainer:
         if fidelity is not None:
             summary += f"; class fidelity {fidelity:.3f}"
         return {
+            **({"leakage_warning": self.leakage_warning} if self.leakage_warning else {}),
             "kind": "pretrained", "summary": summary, "preset": self.preset.name,
             "resolution": self.preset.resolution, "manifest": str(self.manifest),
             "manifest_sha256": self.data.manifest_sha256, "split": self.config.split, "classes": self.data.classes,
