@@ -7,6 +7,7 @@ resume, DDP gather, errors), not accuracy.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -229,7 +230,7 @@ def test_evaluate_writes_the_prediction_contract(trained, toy_manifest, tmp_path
     assert report["metrics"]["accuracy"] == pytest.approx(predictions["correct"].mean())
     low, high = report["ci95"]["balanced_accuracy"]
     assert 0 <= low <= high <= 1
-    assert set(report["thresholds"]) == {k for k in report["metrics"] if k.startswith("mel_")}
+    assert set(report["thresholds"]) == {k for k in report["metrics"] if k.startswith("mel_") and "val_" not in k}
     assert np.array(report["confusion_matrix"]["counts"]).sum() == len(test_rows)
     for image in ("confusion_matrix.png", "roc.png"):
         assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -566,3 +567,22 @@ def test_scores_that_are_not_held_out_carry_a_leakage_warning(trained, toy_manif
     expected = f"LEAKAGE: 5 of the {int((df['split'] == 'test').sum())} 'test' images of {resplit}"
     assert expected in ran.output
     assert expected in json.loads((tmp_path / "resplit-eval" / "metrics.json").read_text())["leakage_warnings"][0]
+
+
+def test_test_scores_apply_the_thresholds_validation_chose(trained, toy_manifest, tmp_path):
+    val = json.loads((trained / "eval-val" / "metrics.json").read_text())
+    assert "fixed_thresholds" not in val and not any("val_threshold" in k for k in val["metrics"])
+    ran = cli("evaluate", "--model", trained, "--manifest", toy_manifest, "--split", "test", "--bootstrap", "20",
+              "--out", tmp_path / "test")
+    report = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    finite = {k: v for k, v in report["fixed_thresholds"]["thresholds"].items() if v is not None}
+    assert finite == pytest.approx({k: v for k, v in val["thresholds"].items() if v is not None})
+    predictions = pd.read_csv(tmp_path / "test" / "predictions.csv")
+    threshold = val["thresholds"]["mel_sensitivity@specificity=0.90"]  # null: only +inf reached 0.90 on val
+    threshold = math.inf if threshold is None else threshold
+    called, mel = predictions["prob_mel"] >= threshold, predictions["label"] == "mel"
+    key = "mel_sensitivity@val_threshold(specificity=0.90)"
+    assert report["metrics"][key] == pytest.approx((called & mel).sum() / mel.sum(), abs=1e-6)
+    assert report["metrics"]["mel_specificity@val_threshold(specificity=0.90)"] == pytest.approx(
+        (~called & ~mel).sum() / (~mel).sum(), abs=1e-6)
+    assert key in report["ci95"] and key in ran.output

@@ -225,3 +225,25 @@ def test_paired_comparison_of_a_model_with_itself_and_with_a_better_one():
     assert row["difference"] > 0 and row["ci95"][0] > 0 and row["p_b_not_better"] == 0.0
     assert result["mcnemar"]["only_b_correct"] > result["mcnemar"]["only_a_correct"]
     assert result["mcnemar"]["p_value"] < 1e-3
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_thresholds_fixed_on_validation_are_applied_unchanged(weighted):
+    val_probs, val_target, _ = random_problem(300, seed=1)
+    probs, target, weights = random_problem(200, seed=2)
+    weights = weights if weighted else None
+    spec = ClinicalSpec.default_for(CLASSES)
+    chosen = {name: t for name, (_, t) in operating_points(val_probs, val_target, spec).items()}
+    fixed = clinical_metrics(probs, target, ClinicalSpec(CLASSES, fixed_thresholds=tuple(chosen.items())), weights)
+    mel = CLASSES.index("mel")
+    y, w = (target == mel).numpy(), None if weights is None else weights.numpy()
+    for point, threshold in chosen.items():
+        called = (probs[:, mel] >= threshold).numpy()
+        sensitivity, specificity = spec.fixed_point_names(point)
+        assert fixed[sensitivity] == pytest.approx(skm.recall_score(y, called, sample_weight=w))
+        assert fixed[specificity] == pytest.approx(skm.recall_score(~y, ~called, sample_weight=w))
+    assert spec.fixed_point_names("mel_sensitivity@specificity=0.90") == (
+        "mel_sensitivity@val_threshold(specificity=0.90)", "mel_specificity@val_threshold(specificity=0.90)")
+    # without fixed thresholds the panel is the same less the fixed points
+    plain = clinical_metrics(probs, target, spec, weights)
+    assert set(plain) < set(fixed)

@@ -78,7 +78,10 @@ def test_report_table_matches_metrics_files(tiny_loop_run, tmp_path):
         metrics = json.loads(metrics_file.read_text())
         row = next(r for r in rows if r["arm"] == arm and r["round"] == round_)
         for key, title in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
-                           ("mel_sensitivity@specificity=0.90", "mel sensitivity @ 0.90 specificity"),
+                           ("mel_sensitivity@specificity=0.90", "mel sensitivity @ 0.90 specificity (test ROC)"),
+                           ("mel_sensitivity@val_threshold(specificity=0.90)",
+                            "mel sensitivity at val's 0.90-spec. threshold"),
+                           ("mel_specificity@val_threshold(specificity=0.90)", "mel specificity there"),
                            ("macro_auroc", "macro AUROC")):
             assert row[title] == _fmt_ci(metrics["metrics"][key], metrics["ci95"].get(key)), (arm, round_, key)
         if arm != "real":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from lesiongen.utils.outdir import check_replaceable, write_marker
 PREDICTIONS = "predictions.csv"
 PREDICTIONS_META = "predictions.meta.json"
 METRICS = "metrics.json"
+VAL_EVALUATION = "eval-val"  # inside a model folder: the trainer's evaluation of the model it selected
 EVALUATION_META_KEYS = ("manifest", "manifest_sha256", "split", "classes", "model")
 EVALUATION_ROW_COLUMNS = ("image", "label", "split", "group_id")
 
@@ -58,6 +59,8 @@ class Evaluation:
     classes: list[str]
     meta: dict  # manifest, manifest_sha256, split, classes, model
     folder: Path | None = None  # the evaluation folder it was read from, if any
+    # the positive class's operating thresholds chosen on validation (`val_thresholds`), applied unchanged
+    fixed_thresholds: dict[str, float] | None = None
 
     @property
     def name(self) -> str:
@@ -91,6 +94,8 @@ class Evaluation:
 
     def metrics(self, bootstrap: BootstrapSettings) -> dict:
         spec = self.spec
+        if self.fixed_thresholds:
+            spec = replace(spec, fixed_thresholds=tuple(self.fixed_thresholds.items()))
         probs, target = self.probs.double(), self.target
         groups = self.rows["group_id"].astype(str).tolist()
         intervals = {}
@@ -107,6 +112,8 @@ class Evaluation:
             "metrics": clinical_metrics(probs, target, spec),
             f"ci{round(bootstrap.confidence * 100)}": intervals,
             "thresholds": {name: threshold for name, (_, threshold) in points.items()},
+            **({"fixed_thresholds": {"from": "the model's validation evaluation (eval-val/metrics.json)",
+                                     "thresholds": self.fixed_thresholds}} if self.fixed_thresholds else {}),
             "confusion_matrix": {"rows": "true class", "columns": "predicted class",
                                  "classes": self.classes, "counts": confmat.long().tolist()},
             "bootstrap": {"n_resamples": bootstrap.n_resamples, "seed": bootstrap.seed, "unit": "group_id",
@@ -144,8 +151,6 @@ def evaluate_model(model_dir: str | os.PathLike, manifest_path: str | os.PathLik
                    tta: str | None = None) -> Evaluation:
     """Score a trained classifier on the real images of a manifest split (sharded under `accelerate launch`);
     `tta` replaces the model's own test-time augmentation (none | flip | dihedral)."""
-    from dataclasses import replace
-
     from accelerate import Accelerator
 
     from lesiongen.classifier.config import TTA_MODES
@@ -172,7 +177,35 @@ def evaluate_model(model_dir: str | os.PathLike, manifest_path: str | os.PathLik
     warnings = held_out_warnings(info, manifest, rows.df, split)
     if warnings:
         meta["leakage_warnings"] = warnings
-    return Evaluation(rows.df, probs, data.labels, list(info.classes), meta)
+    fixed = val_thresholds(model_dir) if split != "val" and tta is None else None
+    return Evaluation(rows.df, probs, data.labels, list(info.classes), meta, fixed_thresholds=fixed)
+
+
+def val_thresholds(model_dir: str | os.PathLike) -> dict[str, float] | None:
+    """The operating thresholds the trainer's validation evaluation of its selected model chose (None when the
+    folder has none: a model from elsewhere).
+
+    JSON has no infinity, so a threshold is null both where the point is undefined (no melanoma in val: its
+    value is null too) and where only +inf reached it (call nothing positive: its value is defined); the
+    first is left out, the second comes back as +inf."""
+    path = Path(model_dir) / VAL_EVALUATION / METRICS
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        thresholds, values = report.get("thresholds", {}), report.get("metrics", {})
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise InputError(f"{path}: not the metrics.json `lesiongen train-classifier` writes ({err})") from err
+    if not isinstance(thresholds, dict) or not isinstance(values, dict):
+        raise InputError(f"{path}: 'thresholds' and 'metrics' must be mappings; expected the metrics.json "
+                         "`lesiongen train-classifier` writes")
+    fixed = {}
+    for name, threshold in thresholds.items():
+        if threshold is None and values.get(name) is not None:
+            fixed[name] = math.inf
+        elif isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold):
+            fixed[name] = float(threshold)
+    return fixed or None
 
 
 def read_evaluation(folder: str | os.PathLike) -> Evaluation:

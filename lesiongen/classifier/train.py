@@ -45,6 +45,7 @@ from lesiongen.classifier.data import (
     training_sampler,
     training_table,
 )
+from lesiongen.classifier.evaluate import VAL_EVALUATION
 from lesiongen.classifier.models import (
     INFO_FILE,
     MODEL_FILE,
@@ -64,7 +65,7 @@ from lesiongen.utils.outdir import OutputFolder
 
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "history.csv"
-EVAL_DIR = "eval-val"
+EVAL_DIR = VAL_EVALUATION
 LOSS_DISPLAY_EVERY = 20  # steps between loss read-outs on the progress bar
 
 

@@ -140,9 +140,14 @@ class ClinicalSpec:
     positive_class: str | None = "mel"
     at_specificity: tuple[float, ...] = (0.80, 0.90)
     at_sensitivity: tuple[float, ...] = (0.80, 0.90)
+    # Operating points fixed beforehand, (point name, threshold on p(positive)): the thresholds another
+    # split (validation) chose. The points above are each split's own best ROC points, so on test they are
+    # an ROC summary; a threshold applied unchanged is what a clinic would see.
+    fixed_thresholds: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(self.classes))
+        object.__setattr__(self, "fixed_thresholds", tuple((str(n), float(t)) for n, t in self.fixed_thresholds))
         if len(self.classes) < 2:
             raise ValueError(f"need at least two classes, got {list(self.classes)}")
         if self.positive_class is not None and self.positive_class not in self.classes:
@@ -161,6 +166,13 @@ class ClinicalSpec:
 
     def spec_at_sens_name(self, level: float) -> str:
         return f"{self.positive_class}_specificity@sensitivity={level:.2f}"
+
+    def fixed_point_names(self, point: str) -> tuple[str, str]:
+        """(sensitivity, specificity) names at the fixed threshold of `point`, e.g. 'mel_sensitivity@
+        specificity=0.90' -> 'mel_sensitivity@val_threshold(specificity=0.90)' and the specificity there."""
+        target = point.split("@", 1)[1]
+        return (f"{self.positive_class}_sensitivity@val_threshold({target})",
+                f"{self.positive_class}_specificity@val_threshold({target})")
 
 
 def clinical_metrics(probs: Tensor, target: Tensor, spec: ClinicalSpec,
@@ -182,6 +194,16 @@ def clinical_metrics(probs: Tensor, target: Tensor, spec: ClinicalSpec,
         out[f"auroc/{name}"] = per_class_auroc[i]
     for name, (value, _) in operating_points(probs, target, spec, sample_weight).items():
         out[name] = value
+    if spec.fixed_thresholds and spec.positive_class is not None:
+        index = spec.classes.index(spec.positive_class)
+        called = probs[:, index].double()  # positive at or above the threshold, as roc_curve counts
+        positive, weight = target == index, _weight(called, sample_weight)
+        for point, threshold in spec.fixed_thresholds:
+            sensitivity, specificity = spec.fixed_point_names(point)
+            hit = (called >= threshold).double()
+            n_pos, n_neg = (weight * positive).sum(), (weight * ~positive).sum()
+            out[sensitivity] = (weight * hit * positive).sum() / n_pos if n_pos > 0 else _nan()
+            out[specificity] = (weight * (1 - hit) * ~positive).sum() / n_neg if n_neg > 0 else _nan()
     return {name: float(value) for name, value in out.items()}
 
 

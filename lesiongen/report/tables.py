@@ -17,7 +17,11 @@ from lesiongen.report.document import Table
 HEADLINE_METRICS: tuple[tuple[str, str], ...] = (
     ("accuracy", "accuracy"),
     ("balanced_accuracy", "balanced accuracy"),
-    ("{positive}_sensitivity@specificity=0.90", "{positive} sensitivity @ 0.90 specificity"),
+    # the test ROC's own best point (a curve summary, like AUROC) ...
+    ("{positive}_sensitivity@specificity=0.90", "{positive} sensitivity @ 0.90 specificity (test ROC)"),
+    # ... and the threshold validation chose for 0.90 specificity, applied unchanged: what a clinic would get
+    ("{positive}_sensitivity@val_threshold(specificity=0.90)", "{positive} sensitivity at val's 0.90-spec. threshold"),
+    ("{positive}_specificity@val_threshold(specificity=0.90)", "{positive} specificity there"),
     ("macro_auroc", "macro AUROC"),
 )
 
