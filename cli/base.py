@@ -28,7 +28,7 @@ def _check_preset(value: str) -> str:
 @base_app.command("tiny")
 def tiny(
     out: Annotated[Path, typer.Option("--out", help="Folder to write the diffusers pipeline into.")],
-    preset: Annotated[str, typer.Option(help="Architecture: tiny (tests), small (demo), sd15 (SD 1.5 shapes).",
+    preset: Annotated[str, typer.Option(help="Architecture: tiny (32 px, the demo base), small (64 px), sd15 (SD 1.5).",
                                         callback=_check_preset)] = "tiny",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder.")] = False,
@@ -86,7 +86,7 @@ def export(
 def pretrain(
     manifest: Annotated[Path, typer.Option(help="Manifest whose (real) training split the base learns.")],
     out: Annotated[Path, typer.Option(help="Run folder; the finished base is a diffusers pipeline at its top.")],
-    preset: Annotated[Optional[str], typer.Option(help="Architecture: small (64 px, demo) or tiny (32 px, tests).",
+    preset: Annotated[Optional[str], typer.Option(help="Architecture: small (64 px) or tiny (32 px, the demo base).",
                                                   callback=_check_optional_preset)] = None,
     config: Annotated[Optional[Path], typer.Option(
         help="YAML recipe: a path or a shipped name (pretrain-toy-cpu); flags override it.")] = None,
@@ -135,7 +135,7 @@ def pretrain(
         "unet": {"steps": unet_steps, "batch_size": unet_batch_size, "prediction_type": prediction_type},
     }
     resolved = resolve_config(config_path(config) if config else None, overrides, out, resume,
-                              flag_names=PRETRAIN_FLAGS)
+                              flag_names=PRETRAIN_FLAGS, log=typer.echo)
     result = pretrain_base(manifest, out, config=resolved, resume=resume, overwrite=overwrite,
                            stop_after_steps=stop_after_steps,
                            time_limit_s=time_limit * 60 if time_limit is not None else None, log=typer.echo)

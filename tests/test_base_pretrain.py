@@ -396,3 +396,24 @@ def test_pretrained_tiny_base_is_class_dependent(tmp_path):
         labels += [label] * 16
     fidelity = probe.class_fidelity(torch.cat(images), torch.tensor(labels))["overall"]
     assert fidelity > 0.3, fidelity  # chance is 1/7 = 0.143
+
+
+def test_a_resume_says_which_values_a_repeated_config_changes(tmp_path):
+    from lesiongen.config import save_config
+    from lesiongen.diffusion.pretrain.run import resolve_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    save_config(quick_config(), out / "config.yaml")  # the first job: --unet-steps 4 over a YAML with 9
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("preset: tiny\nunet:\n  steps: 9\n")
+    said: list[str] = []
+    config = resolve_config(recipe, {"log_every": 5}, out, "latest", log=said.append)
+    assert config.unet.steps == 9 and config.log_every == 5
+    assert said == [
+        f"resume: log_every changes from 1 (in {out / 'config.yaml'}) to 5 (from a flag)",
+        f"resume: unet.steps changes from 4 (in {out / 'config.yaml'}) to 9 (from --config {recipe}; repeat the "
+        "first job's flag to keep it)"]
+    said.clear()
+    resolve_config(None, {}, out, "latest", log=said.append)
+    assert said == []

@@ -89,7 +89,7 @@ class TrainConfig:
     # Which val rows select the model: `all` every one; `unseen` leaves out the lesions synthetic training
     # images were made from (mined val cases), whose score is no longer held out. Both scores are logged.
     # `all` by default: on derm-dev both picked the same epochs, and on small sets `unseen` leaves a handful
-    # of images (the demo: 4 of 49) to choose on (bench/RESULTS.md).
+    # of images (the demo's round 2: 9 of 49) to choose on (bench/RESULTS.md).
     selection: str = "all"
     checkpoint_every_steps: int | None = None  # besides the end of every epoch
     checkpoints_total_limit: int | None = 2

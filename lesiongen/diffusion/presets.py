@@ -4,8 +4,9 @@ Every preset is a real SD 1.x layout (UNet2DConditionModel + AutoencoderKL + CLI
 49,408-token tokenizer + DDIM scheduler), only narrower, so code tested on `tiny` takes the same path as
 a downloaded SD 1.5 folder.
 
-- `tiny`: unit tests; a few hundred K UNet parameters, 32 px, milliseconds per step on CPU.
-- `small`: the demo and in-house pretraining on CPU; a few M parameters, 64 px (VAE factor 4).
+- `tiny`: unit tests and the demo's shipped base; a few hundred K UNet parameters, 32 px, milliseconds per
+  step on CPU.
+- `small`: in-house pretraining (derm-dev); a few M parameters, 64 px (VAE factor 4).
 - `sd15`: SD 1.5's exact shapes (512 px); for GPU benchmarks only.
 
 The native resolution is written into the saved configs: `vae.config.sample_size` is the image size and
@@ -122,7 +123,7 @@ PRESETS: dict[str, BasePreset] = {
         vae={"block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8},
         text_encoder={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                       "num_attention_heads": 4, "projection_dim": 32},
-        description="unit tests: 32 px, ~0.4 M UNet parameters",
+        description="unit tests and the demo base: 32 px, ~0.4 M UNet parameters",
     ),
     "small": BasePreset(
         name="small",
@@ -131,7 +132,7 @@ PRESETS: dict[str, BasePreset] = {
         vae={"block_out_channels": (16, 32, 64), "layers_per_block": 1, "norm_num_groups": 16},
         text_encoder={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                       "num_attention_heads": 4, "projection_dim": 32},
-        description="demo and in-house pretraining: 64 px, ~3 M UNet parameters, 16x16 latents",
+        description="in-house pretraining: 64 px, ~3 M UNet parameters, 16x16 latents",
     ),
     "sd15": BasePreset(
         name="sd15",

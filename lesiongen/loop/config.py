@@ -111,7 +111,7 @@ class BaseSection:
             return (f"in-house '{p.preset}' base pretrained in the run on its training split "
                     f"({p.vae.steps} VAE + {p.unet.steps} UNet steps)")
         if self.asset is not None:
-            return f"small in-house base shipped with lesiongen ({self.asset})"
+            return f"tiny in-house base shipped with lesiongen ({self.asset})"
         return str(self.path)
 
 

@@ -161,10 +161,15 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 
 
 def resolve_config(config_file: str | Path | None, overrides: dict, out: Path, resume: str | None,
-                   flag_names: dict[str, str] | None = None) -> PretrainConfig:
+                   flag_names: dict[str, str] | None = None,
+                   log: Callable[[str], None] = print) -> PretrainConfig:
     """YAML recipe -> CLI flags -> PretrainConfig; a resumed run starts from the config it was started with.
-    A bad value from a flag is reported under the flag (`flag_names`: dotted key -> flag, where not `--key`)."""
-    from lesiongen.config import from_dict, load_yaml, merge
+    A bad value from a flag is reported under the flag (`flag_names`: dotted key -> flag, where not `--key`).
+
+    A resume may change step counts and progress settings, and a `--config` given again applies all of its
+    values: a first job's `--unet-steps 6` is replaced by the YAML's 2500 unless the flag is repeated. Every
+    value that changes on a resume is therefore said, with where it came from."""
+    from lesiongen.config import from_dict, load_yaml, merge, to_dict
 
     overrides = _drop_none(overrides)
     saved = resumed_config(out, "pretrain", CONFIG_FILE) if resume is not None else None
@@ -175,7 +180,16 @@ def resolve_config(config_file: str | Path | None, overrides: dict, out: Path, r
     else:
         base = load_yaml(config_file) if config_file is not None else {}
         where = str(config_file or "base pretrain")
-    return from_dict(PretrainConfig, merge(base, overrides), where=where, flags=overrides, flag_names=flag_names)
+    config = from_dict(PretrainConfig, merge(base, overrides), where=where, flags=overrides, flag_names=flag_names)
+    if saved is not None:
+        before = _flatten(to_dict(from_dict(PretrainConfig, load_yaml(saved), where=str(saved))))
+        flagged = set(_flatten(overrides))
+        for key, value in sorted(_flatten(to_dict(config)).items()):
+            if before.get(key) != value:
+                source = ("a flag" if key in flagged
+                          else f"--config {config_file}; repeat the first job's flag to keep it")
+                log(f"resume: {key} changes from {before.get(key)!r} (in {saved}) to {value!r} (from {source})")
+    return config
 
 
 def _drop_none(data: dict) -> dict:
