@@ -75,8 +75,10 @@ def evaluate_synthetic(
     from lesiongen.data.manifest import load_manifest
     from lesiongen.metrics.quality import QualityConfig
     from lesiongen.metrics.quality import evaluate_synthetic as run_evaluation
+    from lesiongen.utils.device import resolve_device
 
     threshold = _feature_threshold(feature_threshold)
+    resolve_device(device)  # the flag's own message (the config's would not name --device)
     config = QualityConfig(
         real_split=real_split, size=size,
         inception_feature=None if inception_feature == "none" else int(inception_feature),

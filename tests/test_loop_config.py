@@ -56,6 +56,8 @@ def test_seeds_count_and_canonical_arm_order():
      "mined and classical arms would add no image; add it (--set classifier.synthetic_splits=[train,val,test])"),
     ({"base": {"path": "/x", "pretrain": {}}}, "exactly one of path"),
     ({"base": {"pretrain": {"split": "test"}}}, "base.pretrain.split is 'test': the loop's base learns the training"),
+    ({"generate": {"scheduler": "foo"}}, "generate.scheduler must be one of ['ddim', 'dpmpp', 'euler'], got 'foo'"),
+    ({"quality": {"device": "tpu"}}, "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     ({"data": {"toy": None, "source": None}}, "exactly one of toy / source / manifest"),
     ({"generate": {"oversample": 2.0, "max_oversample": 1.5}}, "max_oversample must be >= generate.oversample"),
 ])

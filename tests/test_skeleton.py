@@ -151,6 +151,13 @@ def test_prompt_file_errors_name_the_class(tmp_path):
                    "templates: ['{token} on {planet}']\n")
     with pytest.raises(InputError, match="unknown field"):
         load_prompts(bad)
+    bad.write_text("classes:\n  mel: {name: melanoma, token: '<m>', init_words: [x], descripton: y}\n"
+                   "negative_promt: blurry\n")
+    with pytest.raises(InputError, match=r"unknown key\(s\) \['negative_promt'\] \(did you mean 'negative_prompt'\?\)"):
+        load_prompts(bad)
+    bad.write_text("classes:\n  mel: {name: melanoma, token: '<m>', init_words: [x], descripton: y}\n")
+    with pytest.raises(InputError, match=r"class 'mel': unknown key\(s\) \['descripton'\]"):
+        load_prompts(bad)
 
 
 def test_every_subpackage_is_listed_in_pyproject():

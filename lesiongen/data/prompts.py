@@ -94,6 +94,20 @@ def builtin_prompt_file(dataset: str) -> Path:
     return Path(str(candidate))
 
 
+FILE_KEYS = ("dataset", "classes", "templates", "negative_prompt", "metadata")
+CLASS_KEYS = ("name", "token", "init_words", "description")
+
+
+def _refuse_unknown(mapping: dict, known: tuple[str, ...], where: str) -> None:
+    import difflib
+
+    unknown = [str(k) for k in mapping if k not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise InputError(f"{where}: unknown key(s) {unknown}{hint}; expected some of {list(known)}")
+
+
 def load_prompts(path_or_dataset: str | os.PathLike = "ham10000") -> PromptSet:
     """Load a prompt file by path, or a shipped one by dataset name, and validate it."""
     path = Path(path_or_dataset)
@@ -104,11 +118,13 @@ def load_prompts(path_or_dataset: str | os.PathLike = "ham10000") -> PromptSet:
     raw = load_yaml(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("classes"), dict) or not raw["classes"]:
         raise InputError(f"{path}: expected a mapping with a non-empty 'classes' mapping")
+    _refuse_unknown(raw, FILE_KEYS, str(path))  # a typo (`negative_promt`) would silently drop the setting
     classes: dict[str, ClassPrompt] = {}
     for key, spec in raw["classes"].items():
         where = f"{path}: class '{key}'"
         if not isinstance(spec, dict):
             raise InputError(f"{where}: expected a mapping with name, token, init_words")
+        _refuse_unknown(spec, CLASS_KEYS, where)
         for required in ("name", "token", "init_words"):
             if not spec.get(required):
                 raise InputError(f"{where}: missing '{required}'")

@@ -162,8 +162,12 @@ class PromptedConfig:
     max_oversample: float = 4.0
 
     def __post_init__(self) -> None:
+        from lesiongen.diffusion.generate import SCHEDULERS
+
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"generate.steps must be a positive integer, got {self.steps!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"generate.scheduler must be one of {list(SCHEDULERS)}, got '{self.scheduler}'")
         if self.oversample < 1.0:
             raise ValueError(f"generate.oversample must be >= 1, got {self.oversample}")
         if self.max_oversample < self.oversample:

@@ -70,6 +70,10 @@ class QualityConfig:
     cache_dir: str | None = None  # None: $LESIONGEN_CACHE or ~/.cache/lesiongen
 
     def __post_init__(self) -> None:
+        from lesiongen.utils.device import is_device_name
+
+        if not is_device_name(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got '{self.device}'")
         if self.real_split not in REAL_SPLITS:
             raise ValueError(f"real_split must be one of {list(REAL_SPLITS)}, got '{self.real_split}'")
         if self.inception_feature not in (None, 64, 192, 768, 2048):

@@ -11,6 +11,13 @@ from lesiongen.errors import InputError
 _CUDA = re.compile(r"^cuda(?::(\d+))?$")
 
 
+def is_device_name(name: str) -> bool:
+    """Whether `name` reads as a device (auto, cpu, cuda, cuda:N); configs check this at load time, before a
+    run starts, and `resolve_device` whether the device is there when it is used."""
+    text = str(name).strip().lower()
+    return text in ("auto", "cpu") or _CUDA.match(text) is not None
+
+
 def resolve_device(name: str | torch.device, *, flag: str = "--device") -> torch.device:
     """`auto` -> the first CUDA GPU when one is visible, else the CPU; `cpu`; `cuda` / `cuda:N`, which must be
     visible. Anything else, or a GPU that is not there, is an InputError naming `flag` and the value."""
