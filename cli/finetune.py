@@ -90,6 +90,7 @@ def finetune(
     _choice(mixed_precision, PRECISIONS, "--mixed-precision")
     if resume is not None and resume != "latest" and not resume.startswith("checkpoint-") and not Path(resume).exists():
         raise typer.BadParameter(f"'{resume}' is neither 'latest' nor a checkpoint-N folder", param_hint="--resume")
+    from lesiongen.cli.options import refuse_unused
     from lesiongen.config import config_path
     from lesiongen.diffusion.finetune import resolve_config, run_finetune
 
@@ -109,12 +110,14 @@ def finetune(
     overrides["out"] = str(out or Path("checkpoints") / f"finetune-{method or 'lora+ti'}")
     settings = resolve_config(overrides, config_file=str(config_path(config)) if config else None, resume=resume,
                               flag_names=FINETUNE_FLAGS)
-    if not settings.trains_lora:  # a flag that changes nothing would still be recorded in config.yaml
-        given = [flag for flag, value in (("--rank", rank), ("--alpha", alpha), ("--lora-dropout", lora_dropout),
-                                          ("--text-encoder-lora", text_encoder_lora)) if value is not None]
-        if given:
-            raise typer.BadParameter(f"{', '.join(given)}: --method {settings.method} trains no LoRA; use --method "
-                                     "lora or lora+ti, or leave them out", param_hint=given[0])
+    if not settings.trains_lora:
+        refuse_unused((("--rank", rank), ("--alpha", alpha), ("--lora-dropout", lora_dropout),
+                       ("--text-encoder-lora", text_encoder_lora)),
+                      f"--method {settings.method} trains no LoRA; use --method lora or lora+ti, or leave them out")
+    if not settings.trains_tokens:
+        refuse_unused((("--num-vectors", num_vectors), ("--token-lr", token_lr)),
+                      f"--method {settings.method} learns no class tokens; use --method lora+ti, ti or full, or "
+                      "leave them out")
     folder = run_finetune(settings, resume=resume, overwrite=overwrite)
     typer.echo(f"wrote adapter {folder} ({settings.method}, {settings.steps} steps)")
 
@@ -133,7 +136,7 @@ def generate(
     scheduler: Annotated[str, typer.Option(help="ddim, dpmpp (DPM-Solver++) or euler.")] = "dpmpp",
     negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt (default: the prompt file's).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 8,
-    seed: Annotated[int, typer.Option(help="Image i gets seed + i.")] = 0,
+    seed: Annotated[int, typer.Option(help="Image i of each class (or of --prompt) gets seed + i.")] = 0,
     resolution: Annotated[int | None, typer.Option(
         min=1, help="Size in px (default: the adapter's training size).")] = None,
     prompts: Annotated[str | None, typer.Option(help="Prompt file (default: the adapter's, else ham10000).")] = None,

@@ -231,6 +231,7 @@ def mine_and_generate(
 ) -> None:
     """Mine hard cases, invert them with DDIM, make labelled variants and filter them (resumable; shards
     over `accelerate launch -m lesiongen mine-and-generate ...` processes)."""
+    from lesiongen.cli.options import refuse_unused
     from lesiongen.config import from_dict, load_yaml, merge
     from lesiongen.synthesis.pipeline import SynthesisConfig, run_mine_and_generate
 
@@ -258,6 +259,9 @@ def mine_and_generate(
     flags = _given(overrides)
     run_config = from_dict(SynthesisConfig, merge(defaults, flags), where=str(config or "mine-and-generate"),
                            flags=flags, flag_names=SYNTHESIS_FLAGS)
+    if run_config.variants.method != "embedding":
+        refuse_unused((("--lambda", lambda_), ("--embedding-steps", embedding_steps)),
+                      f"only --method embedding uses them (this run's method is {run_config.variants.method})")
     summary = run_mine_and_generate(run_config, overwrite=overwrite)
     if summary.get("leakage_warning"):
         typer.echo(f"WARNING: {summary['leakage_warning']}", err=True)

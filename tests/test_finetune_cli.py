@@ -194,6 +194,10 @@ def test_flags_that_would_change_nothing_are_refused(tiny_pipeline_dir, toy_mani
     result = finetune(*common, "--method", "ti", "--rank", "64", "--text-encoder-lora")
     assert result.exit_code == 2
     assert "--rank, --text-encoder-lora: --method ti trains no LoRA" in " ".join(result.output.split())
+    result = finetune(*common, "--method", "lora", "--num-vectors", "2")
+    assert result.exit_code == 2 and "--num-vectors: --method lora learns no class tokens" in " ".join(
+        result.output.split())
+    assert not out.exists()
     if not torch.cuda.is_available():
         result = finetune(*common, "--mixed-precision", "fp16")
         assert result.exit_code == 2 and "--mixed-precision fp16 needs a CUDA GPU" in result.output

@@ -164,6 +164,9 @@ def test_bad_input(made, toy_manifest, tiny_pipeline_dir, tmp_path):
     for strength in ("0", "1.5", "-0.1"):
         result = cli(*base, "--strength", strength, expect=2)
         assert "--strength" in result.output and "(0, 1]" in result.output
+    result = cli(*base, "--method", "img2img", "--lambda", "0.3", expect=2)
+    said = " ".join(result.output.replace("│", " ").split())
+    assert "--lambda: only --method embedding uses them (this run's method is img2img)" in said
 
     other_manifest = tmp_path / "other" / "manifest.csv"
     other_manifest.parent.mkdir()
