@@ -42,7 +42,7 @@ def test_seeds_count_and_canonical_arm_order():
     ({"classifier": {"epochs": 0}}, "epochs must be a positive integer"),
     ({"classifier": {"manifest": "m.csv"}}, "classifier.manifest is set by the loop"),
     ({"base": {"pretrain": {"prompts": "x"}}}, "base.pretrain.prompts is set by the loop"),
-    ({"synthesis": {"variants": {"strength": 1.5}}}, "synthesis.variants: strength must be in (0, 1]"),
+    ({"synthesis": {"variants": {"strength": 1.5}}}, "--set synthesis.variants.strength: strength must be in (0, 1]"),
     ({"synthesis": {"out": "x"}}, "synthesis.out is set by the loop"),
     ({"rare_classes": {"xyz": 5}}, "rare_classes names unknown class(es) ['xyz']"),
     ({"mining": {"per_class_quota": {"mle": 3}}},

@@ -239,13 +239,16 @@ class LoopConfig:
         return self.mining.split == "test"
 
 
-def library_section(cls: type, section: dict[str, Any], loop_inputs: dict[str, Any], where: str) -> dict[str, Any]:
+def library_section(cls: type, section: dict[str, Any], loop_inputs: dict[str, Any], where: str, *,
+                    flags: dict[str, Any] | None = None, file: str | None = None) -> dict[str, Any]:
     """A section for a library config class some of whose fields the loop sets per stage: checked now by
-    building `cls` with stand-ins for those, returned resolved (every other field, defaults included)."""
+    building `cls` with stand-ins for those, returned resolved (every other field, defaults included).
+    With `flags` (the section's `--set` values) and `file`, an error names the `--set` key or the file."""
     owned = sorted(set(section) & set(loop_inputs))
     if owned:
         raise InputError(f"{where}.{owned[0]} is set by the loop for every stage; remove it")
-    built = from_dict(cls, {**section, **loop_inputs}, where=where)
+    built = from_dict(cls, {**section, **loop_inputs}, where=f"{file}: {where}" if file else where,
+                      flags=flags or {}, flag_names=lambda key: f"--set {where}.{key}")
     return {key: value for key, value in to_dict(built).items() if key not in loop_inputs}
 
 
@@ -258,6 +261,9 @@ def load_loop_config(path: str | os.PathLike | None = None, overrides: dict[str,
         owned = sorted(set(_at(data, section)) & set(keys))
         if owned:
             raise InputError(f"{where}: {section}.{owned[0]} is set by the loop for every stage; remove it")
+    # the synthesis section first, so that a bad value in it is blamed on its --set key or the file
+    library_section(SynthesisConfig, _at(data, "synthesis") or {}, SYNTHESIS_INPUTS, "synthesis",
+                    flags=_at(overrides or {}, "synthesis"), file=where)
     config = from_dict(LoopConfig, data, where=where, flags=overrides, flag_names=_set_flag)
     check_classes(config, where, overrides or {})
     return config
