@@ -242,6 +242,13 @@ def test_mine_cli(val_predictions, toy_manifest, tmp_path):
     bad_quota = runner.invoke(app, ["mine", "--predictions", str(path), "--manifest", str(toy_manifest),
                                     "--out", str(tmp_path / "q"), "--per-class-quota", "melanoma=x"])
     assert bad_quota.exit_code == 2 and "--per-class-quota" in bad_quota.output
+    for flag, value, said in (("--per-class-quota", "zz=3", "--per-class-quota (mining.per_class_quota) names "
+                               "unknown class(es) ['zz']"),
+                              ("--confusion", "mel->zz=2", "--confusion (mining.confusion_weights): pair 'mel->zz'")):
+        unknown = runner.invoke(app, ["mine", "--predictions", str(path), "--manifest", str(toy_manifest),
+                                      "--out", str(tmp_path / "u"), flag, value])
+        assert unknown.exit_code == 2 and said in " ".join(unknown.output.replace("│", " ").split())
+        assert not (tmp_path / "u").exists()
 
     empty = tmp_path / "empty" / "predictions.csv"
     write_predictions(empty, toy_manifest, "val", confident)

@@ -109,7 +109,8 @@ def confusion_weight_table(weights: dict[str, float] | None, classes: list[str])
         for pair in parse_confusion_key(key):
             unknown = sorted(set(pair) - set(classes))
             if unknown:
-                raise InputError(f"confusion pair '{key}' names unknown class(es) {unknown}; classes are {classes}")
+                raise InputError(f"--confusion (mining.confusion_weights): pair '{key}' names unknown class(es) "
+                                 f"{unknown}; classes are {classes}")
             table[pair] = float(weight)
     return table
 
@@ -232,7 +233,7 @@ def mine_hard_cases(predictions: Predictions, config: MiningConfig) -> MiningRes
     df["reason"] = reason
 
     if isinstance(config.per_class_quota, dict) and set(config.per_class_quota) - set(classes):
-        raise InputError("per-class quota names unknown class(es) "
+        raise InputError("--per-class-quota (mining.per_class_quota) names unknown class(es) "
                          f"{sorted(set(config.per_class_quota) - set(classes))}; "
                          f"classes are {classes}")
     weights = confusion_weight_table(config.confusion_weights, classes)
