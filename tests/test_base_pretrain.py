@@ -50,6 +50,7 @@ def test_pretrain_cli_pauses_resumes_and_saves_an_sd_folder(toy_manifest, tmp_pa
     assert result.exit_code == 0, result.output
     assert "paused" in result.output and not (out / "model_index.json").exists()
     assert [p.name for p in ckpt.checkpoints_in(out)] == ["checkpoint-4", "checkpoint-5"]
+    assert any((out / "cache").iterdir())  # the UNet stage's latents, kept for the resume
     # as if killed between checkpoint-5 and its sample grid: the resumed run draws the grid it missed
     (out / "samples" / "step-000005.png").unlink()
 
@@ -69,6 +70,7 @@ def test_pretrain_cli_pauses_resumes_and_saves_an_sd_folder(toy_manifest, tmp_pa
     assert provenance["kind"] == "pretrained" and provenance["steps"] == {"vae": 3, "unet": 4}
     assert provenance["classes"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
     assert (out / "samples" / "final.png").is_file() and (out / "samples" / "step-000005.png").is_file()
+    assert not (out / "cache").exists()  # a finished base is not resumed: its latents go
     # The data set's latent scale, not SD's 0.18215, is in the saved VAE config.
     assert pipe.vae.config.scaling_factor == pytest.approx(provenance["latent_scaling_factor"])
     assert pipe.vae.config.scaling_factor != pytest.approx(0.18215)

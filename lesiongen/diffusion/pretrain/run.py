@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lesiongen.diffusion.pretrain import checkpoints as ckpt
 from lesiongen.diffusion.pretrain.config import PretrainConfig
-from lesiongen.diffusion.pretrain.trainer import CONFIG_FILE, Pretrainer, PretrainResult
+from lesiongen.diffusion.pretrain.trainer import CACHE_DIR, CONFIG_FILE, Pretrainer, PretrainResult
 from lesiongen.errors import InputError, OutputExistsError
 from lesiongen.utils.atomic import readable_by_umask, write_json
 from lesiongen.utils.device import resolve_device
@@ -84,6 +84,9 @@ def pretrain_base(manifest: str | Path, out: str | Path, *, preset: str = "small
             trainer.restore(checkpoint)
         result = trainer.run(stop_after_steps=stop_after_steps, time_limit_s=time_limit_s)
     if result.finished:
+        # the latent cache only serves a resume of the UNet stage, and a finished base is not resumed:
+        # on derm-dev it would be hundreds of MB of dead weight in the base folder
+        shutil.rmtree(out / CACHE_DIR, ignore_errors=True)
         folder.finish()
     return result
 
