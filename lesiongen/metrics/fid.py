@@ -62,8 +62,7 @@ def fid_shortfall(n_real: int, n_fake: int, dim: int) -> str | None:
     if min(n_real, n_fake) > dim:
         return None
     return (f"FID needs more images than feature dimensions ({dim}) in both sets for a full-rank covariance; "
-            f"got {n_real} real and {n_fake} synthetic. Use KID (reported), more images, or a smaller "
-            "feature layer (Inception 64/192/768)")
+            f"got {n_real} real and {n_fake} synthetic")
 
 
 def frechet_distance(real: Tensor, fake: Tensor) -> float:
@@ -117,7 +116,7 @@ def distribution_distances(real: Tensor, fake: Tensor, *, kid_subsets: int = DEF
     shortfall = fid_shortfall(len(real), len(fake), real.shape[1])
     if shortfall is None:
         report["fid"] = frechet_distance(real, fake)
-    report["note"] = shortfall
+    report["note"] = shortfall and f"{shortfall}. Compare by KID (reported beside it), or use more images"
     if fd_inf_components:
         components = min(fd_inf_components, real.shape[1])
         if min(len(real), len(fake)) >= min_images(components):

@@ -384,7 +384,10 @@ def evaluate_images(real: ImageSet, synthetic: ImageSet, *, spaces: list[Feature
     for space_name in features:
         short = [c for c, e in per_class.items() if space_name in e and e[space_name]["fid"] is None]
         if overall[space_name]["fid"] is None:
-            warnings.append(f"{space_name}: {overall[space_name]['note']}")
+            dim = overall[space_name]["feature_dim"]
+            smaller = [str(d) for d in (64, 192, 768) if d < dim] if space_name == "inception" else []
+            layer = f" (or --inception-feature {'/'.join(smaller)})" if smaller else ""
+            warnings.append(f"{space_name}: {overall[space_name]['note']}{layer}")
         if short:
             warnings.append(f"{space_name}: FID not reported for classes {short} (fewer images than the "
                             f"{overall[space_name]['feature_dim']} feature dimensions); compare them by KID")
