@@ -81,3 +81,24 @@ def test_without_classifier_only_the_hash_check_runs(train):
     variant_filter = VariantFilter(config, CLASSES, memorization=index, reference_ids=list(train_split.df["image"]))
     scores = variant_filter.score(resize_uint8(flipped, 96), ["mel"])
     assert scores.at[0, "near_copy"] == 1 and "p_label" not in scores and "feature_distance" not in scores
+
+
+def test_a_copy_of_a_val_or_test_image_is_dropped_by_hash(toy_manifest, train):
+    from lesiongen.metrics.memorization import MemorizationIndex
+    from lesiongen.synthesis.pipeline import SynthesisConfig, load_filter
+
+    manifest = load_manifest(toy_manifest)
+    config = SynthesisConfig(predictions="p.csv", manifest=str(toy_manifest), base="b", out="o",
+                             filters=FilterConfig(reference_size=64))
+    variant_filter = load_filter(config, manifest, torch.device("cpu"), judge=None)
+    held_out = manifest.subset(manifest.df["split"] != "train")
+    assert isinstance(variant_filter.held_out, MemorizationIndex)
+    assert variant_filter.held_out_ids == list(held_out.df["image"])
+    source = load_uint8(held_out.image_paths()[:1], 64)  # a variant that came back as its val source
+    _, train_images = train
+    scores = variant_filter.score(torch.cat([source.flip(-2), train_images[:1]]), ["mel", "mel"])
+    assert scores["near_copy"].tolist() == [1, 1]
+    assert scores.at[0, "nearest_held_out"] == held_out.df["image"].iloc[0]
+    assert f"near-copy of held-out image {held_out.df['image'].iloc[0]}" in scores.at[0, "reject_reason"]
+    assert "near-copy of training image" in scores.at[1, "reject_reason"]
+    assert "held-out" not in scores.at[1, "reject_reason"]

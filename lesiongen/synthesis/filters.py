@@ -9,6 +9,10 @@
   gives the intended label a probability below a threshold.
 - **Near-copy of a training image** (per variant): the memorisation check of `lesiongen.metrics.
   memorization` (perceptual hash in 8 orientations + classifier-feature nearest neighbour).
+- **Near-copy of a held-out image** (per variant): the perceptual hash against the real val and test
+  images. A variant that is a re-encoded copy of its own (val) source, or of any test image, would put
+  that image into training. Hash only: classifier features of a variant are meant to stay close to its
+  source, while the hash threshold (24 of 256 bits) sits below every pair of distinct derm-dev lesions.
 """
 
 from __future__ import annotations
@@ -70,12 +74,15 @@ class VariantFilter:
     """Scores variants against the classifier and the training set and says which to keep."""
 
     def __init__(self, config: FilterConfig, classes: list[str], *, classifier=None,
-                 memorization: MemorizationIndex | None = None, reference_ids: list[str] | None = None) -> None:
+                 memorization: MemorizationIndex | None = None, reference_ids: list[str] | None = None,
+                 held_out: MemorizationIndex | None = None, held_out_ids: list[str] | None = None) -> None:
         self.config = config
         self.classes = classes
         self.classifier = classifier  # (model, ClassifierInfo) or None
         self.memorization = memorization
         self.reference_ids = reference_ids
+        self.held_out = held_out  # hash-only index of the real val + test images
+        self.held_out_ids = held_out_ids
 
     @property
     def size(self) -> int:
@@ -112,6 +119,15 @@ class VariantFilter:
             frame["near_copy"] = found["flagged"].astype(int)
             for i in frame.index[frame["near_copy"] == 1]:
                 reasons[i].append(f"near-copy of training image {frame.at[i, 'nearest_train']}")
+        if self.held_out is not None:
+            found = self.held_out.query(images).to_frame(self.held_out_ids)
+            frame["nearest_held_out"] = found["nearest_real"]
+            frame["held_out_phash_distance"] = found["phash_distance"]
+            copies = found["flagged"].astype(int)
+            frame["near_copy"] = frame["near_copy"] | copies if "near_copy" in frame else copies
+            for i in frame.index[copies == 1]:
+                reasons[i].append(f"near-copy of held-out image {frame.at[i, 'nearest_held_out']} "
+                                  f"({frame.at[i, 'held_out_phash_distance']} bits): val/test images must not train")
         frame["reject_reason"] = ["; ".join(r) for r in reasons]
         frame["keep"] = [int(not r) for r in reasons]
         return frame

@@ -22,6 +22,7 @@ import yaml
 
 from lesiongen.config import to_dict
 from lesiongen.errors import InputError, OutputExistsError
+from lesiongen.metrics.memorization import MemorizationIndex
 from lesiongen.synthesis.conditioning import PromptCache
 from lesiongen.synthesis.filters import FilterConfig, VariantFilter, build_memorization_index, reconstruction_verdicts
 from lesiongen.synthesis.inversion import DDIMSchedule, InversionConfig, invert, measure_round_trip
@@ -227,6 +228,11 @@ def load_filter(config: SynthesisConfig, manifest, device: torch.device, judge=N
         variant_filter.memorization = build_memorization_index(images, list(train.df["group_id"]), config.filters,
                                                                classifier=judge)
         variant_filter.reference_ids = list(train.df["image"])
+        held_out = manifest.subset(manifest.df["split"].isin(["val", "test"]) & ~manifest.is_synthetic)
+        if len(held_out):
+            images = load_uint8(held_out.image_paths(), variant_filter.size, cache_dir=config.cache_dir)
+            variant_filter.held_out = MemorizationIndex(images, phash_threshold=config.filters.phash_threshold)
+            variant_filter.held_out_ids = list(held_out.df["image"])
     return variant_filter
 
 
