@@ -68,7 +68,8 @@ def prepare_out_dir(config: FinetuneConfig, *, resume: str | None, overwrite: bo
         changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in RESUME_LOCKED if before[k] != now[k]]
         if changed:
             raise InputError(f"--resume {resume}: {out} was trained with other settings ({'; '.join(changed)}); "
-                             "only steps, logging, checkpoint and validation settings may change on resume")
+                             f"a run keeps {', '.join(RESUME_LOCKED)}; steps, the learning rate and its schedule, "
+                             "logging, checkpoint and validation settings may change on resume")
         write_marker(out, "finetune", complete=False)  # unfinished (again) until the adapter is written
     elif (folder := OutputFolder(out, "finetune")).existing:
         if overwrite:
