@@ -7,7 +7,7 @@ fp16 single-file checkpoint with its configs in the metadata. Then it generates 
 the plain pipeline `load_pipeline` returns and reports the class fidelity a probe CNN trained on the
 demo's seed-0 toy images assigns (chance 1/7), with the time and the file size.
 
-    python bench/make_demo_base.py                                     # ~12 CPU minutes, one thread
+    python bench/make_demo_base.py                                     # ~9 CPU minutes idle (11 shared), one thread
     python bench/make_demo_base.py --out lesiongen/assets/demo-base.safetensors --overwrite
     python bench/make_demo_base.py --smoke --out /tmp/demo-base.safetensors --work /tmp/demo-base-run
 
