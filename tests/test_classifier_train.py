@@ -586,3 +586,8 @@ def test_test_scores_apply_the_thresholds_validation_chose(trained, toy_manifest
     assert report["metrics"]["mel_specificity@val_threshold(specificity=0.90)"] == pytest.approx(
         (~called & ~mel).sum() / (~mel).sum(), abs=1e-6)
     assert key in report["ci95"] and key in ran.output
+    # other views than the model's own (dihedral) give other probabilities: the val thresholds do not apply
+    for tta, applies in (("dihedral", True), ("none", False)):
+        cli("evaluate", "--model", trained, "--manifest", toy_manifest, "--split", "test", "--bootstrap", "0",
+            "--tta", tta, "--out", tmp_path / tta)
+        assert ("fixed_thresholds" in json.loads((tmp_path / tta / "metrics.json").read_text())) is applies

@@ -165,6 +165,7 @@ def evaluate_model(model_dir: str | os.PathLike, manifest_path: str | os.PathLik
     if tta is not None and tta not in TTA_MODES:
         raise InputError(f"--tta must be one of {list(TTA_MODES)}, got {tta!r}")
     model, info = load_classifier(model_dir, device=accelerator.device)
+    own_tta = info.tta  # the views the model's validation thresholds were chosen with
     info = replace(info, tta=tta) if tta is not None else info
     # Labels are read against the model's classes: a label the model does not know is an error naming the row.
     manifest = load_manifest(manifest_path, classes=list(info.classes))
@@ -174,10 +175,10 @@ def evaluate_model(model_dir: str | os.PathLike, manifest_path: str | os.PathLik
         data = decode(rows.image_paths(), rows.label_indices(), info.decode_size, cache_dir=cache)
     probs = predict_distributed(accelerator, model, info, data.images, batch_size=batch_size)
     meta = {**evaluation_meta(manifest_path, split, info.classes, str(model_dir)), "tta": info.tta}
-    warnings = held_out_warnings(info, manifest, rows.df, split)
+    warnings = held_out_warnings(info, manifest, rows.df, split, meta["manifest_sha256"])
     if warnings:
         meta["leakage_warnings"] = warnings
-    fixed = val_thresholds(model_dir) if split != "val" and tta is None else None
+    fixed = val_thresholds(model_dir) if split != "val" and info.tta == own_tta else None
     return Evaluation(rows.df, probs, data.labels, list(info.classes), meta, fixed_thresholds=fixed)
 
 

@@ -33,15 +33,17 @@ def leakage_warnings(synthetic_rows: pd.DataFrame, consequence: str = TRAINED_ON
     return warnings
 
 
-def held_out_warnings(info: ClassifierInfo, manifest: Manifest, rows: pd.DataFrame, split: str) -> list[str]:
-    """Why the metrics of `info`'s model on `rows` (real rows of `manifest`'s `split`) are not held out."""
+def held_out_warnings(info: ClassifierInfo, manifest: Manifest, rows: pd.DataFrame, split: str,
+                      manifest_sha256: str) -> list[str]:
+    """Why the metrics of `info`'s model on `rows` (real rows of `manifest`'s `split`, whose file has
+    `manifest_sha256`) are not held out."""
     data = info.training.get("data", {})
     warnings = list(data.get("leakage_warnings", []))
     trained_sha = data.get("manifest_sha256")
     trained_path = info.training.get("config", {}).get("manifest")
     if trained_sha is None or trained_path is None or manifest.path is None:
         return warnings  # a model from an older version, or one trained from memory: nothing to check against
-    if sha256_file(manifest.path) == trained_sha:
+    if manifest_sha256 == trained_sha:
         if split == "train":
             warnings.append(f"the model trained on these images (split 'train' of {manifest.where}); this is "
                             "its training fit, not a held-out score")
