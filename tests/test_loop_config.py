@@ -59,12 +59,17 @@ def test_seeds_count_and_canonical_arm_order():
     ({"generate": {"scheduler": "foo"}}, "generate.scheduler must be one of ['ddim', 'dpmpp', 'euler'], got 'foo'"),
     ({"quality": {"device": "tpu"}}, "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     ({"data": {"toy": None, "source": None}}, "exactly one of toy / source / manifest"),
+    ({"data": {"toy": {"size": 16}}}, "data.toy.size must be an integer >= 32 px"),
     ({"generate": {"oversample": 2.0, "max_oversample": 1.5}}, "max_oversample must be >= generate.oversample"),
 ])
 def test_bad_config_values_fail_at_load_naming_the_key(overrides, message):
     with pytest.raises(InputError) as err:
         load_loop_config(None, overrides)
     assert message in str(err.value)
+
+
+def test_toy_size_takes_what_data_toy_takes():
+    assert load_loop_config(None, {"data": {"toy": {"size": 48}}}).data.toy.size == 48
 
 
 def test_set_null_clears_a_section_of_the_yaml():

@@ -55,8 +55,9 @@ class ToyData:
     def __post_init__(self) -> None:
         if not isinstance(self.n_per_class, int) or self.n_per_class < 4:
             raise ValueError(f"data.toy.n_per_class must be an integer >= 4, got {self.n_per_class!r}")
-        if self.size not in (32, 64, 128):
-            raise ValueError(f"data.toy.size must be 32, 64 or 128, got {self.size!r}")
+        # The same bound as `lesiongen data toy --size`; the renderer draws any side from 32 px up.
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 32:
+            raise ValueError(f"data.toy.size must be an integer >= 32 px (64 or 128 recommended), got {self.size!r}")
 
 
 @dataclass
