@@ -18,7 +18,7 @@ DEFAULT_EVAL_ROOT = Path("checkpoints/evaluate")
 MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
 Split = Literal["train", "val", "test"]
 TTA = Literal["none", "flip", "dihedral"]
-Selection = Literal["all", "unseen"]
+Selection = Literal["all", "unseen", "reserved"]
 RESUME_MAY_CHANGE = {"cache_dir"}  # where decoded images are cached does not change the run
 
 
@@ -54,8 +54,11 @@ def train_classifier(
     synthetic_weight: Annotated[Optional[float], typer.Option(min=0.0, help="Loss weight of a synthetic row.")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     selection: Annotated[Optional[Selection], typer.Option(
-        help="Val rows that select the model: all (default), or unseen: without the lesions synthetic "
-             "images were made from.")] = None,
+        help="Val rows that select the model: all (default); unseen: without the lesions synthetic "
+             "images were made from; reserved: the selection reserve only (mine with the same "
+             "--selection-reserve).")] = None,
+    selection_reserve: Annotated[Optional[float], typer.Option(
+        help="Share of the validation lesions, per class, in the selection reserve (default: 0.3).")] = None,
     tta: Annotated[Optional[TTA], typer.Option(
         help="Test-time augmentation of validation and later evaluations (dihedral: 8 views).")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(
@@ -72,11 +75,16 @@ def train_classifier(
         "arch": arch, "pretrained": pretrained, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum,
         "img_size": img_size, "load_size": load_size, "lr": lr, "mixed_precision": mixed_precision,
         "max_synthetic_ratio": max_synthetic_ratio, "synthetic_weight": synthetic_weight, "seed": seed,
-        "selection": selection, "tta": tta, "cache_dir": _absolute(cache_dir),
+        "selection": selection, "selection_reserve": selection_reserve, "tta": tta, "cache_dir": _absolute(cache_dir),
     }
     if resume is not None and resume != "latest" and not Path(resume).is_dir():
         raise typer.BadParameter(f"'{resume}' is neither 'latest' nor a checkpoint folder", param_hint="--resume")
     train_config = resolve_train_config(config_path(config) if config else None, overrides, out, resume)
+    if train_config.selection != "reserved":
+        from lesiongen.cli.options import refuse_unused
+
+        refuse_unused((("--selection-reserve", selection_reserve),),
+                      f"only --selection reserved uses it (this run's selection is {train_config.selection})")
     result = run_training(train_config, out, resume=resume, overwrite=overwrite)
     if result.is_main_process:
         typer.echo(f"best epoch {result.best_epoch}: val balanced accuracy {result.best_val_balanced_accuracy:.4f} "

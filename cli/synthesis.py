@@ -46,6 +46,9 @@ MarginOpt = Annotated[Optional[float], typer.Option(
 ConfusionOpt = Annotated[Optional[list[str]], typer.Option(
     help="Confusion weight, e.g. 'mel<->nv=2' or 'mel->nv=3' "
          "(repeatable; replaces the defaults mel<->nv=2, bkl<->mel=1.5).")]
+ReserveOpt = Annotated[Optional[float], typer.Option(
+    help="Never mine this share of the validation lesions (per class, fixed by lesion id): the share that "
+         "`train-classifier --selection reserved --selection-reserve` selects on (default: mine every lesion).")]
 TestMiningOpt = Annotated[bool, typer.Option(
     "--allow-test-mining", help="Allow mining the test split (leaks; every output says so).")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the results already in --out.")]
@@ -81,9 +84,10 @@ def parse_confusion(items: list[str] | None) -> dict[str, float] | None:
     return weights
 
 
-def mining_overrides(split, quota, max_per_lesion, max_cases, margin, confusion, allow_test_mining) -> dict:
+def mining_overrides(split, quota, max_per_lesion, max_cases, margin, confusion, allow_test_mining,
+                     selection_reserve) -> dict:
     return {"split": split, "per_class_quota": parse_quota(quota), "max_per_lesion": max_per_lesion,
-            "max_cases": max_cases,
+            "max_cases": max_cases, "selection_reserve": selection_reserve,
             "margin_threshold": margin, "confusion_weights": parse_confusion(confusion),
             "allow_test_mining": allow_test_mining or None}
 
@@ -124,6 +128,7 @@ def mine(
     max_cases: MaxCasesOpt = None,
     margin_threshold: MarginOpt = None,
     confusion: ConfusionOpt = None,
+    selection_reserve: ReserveOpt = None,
     allow_test_mining: TestMiningOpt = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -136,7 +141,7 @@ def mine(
     from lesiongen.utils.outdir import OutputFolder
 
     overrides = mining_overrides(split, per_class_quota, max_per_lesion, max_cases, margin_threshold, confusion,
-                                 allow_test_mining)
+                                 allow_test_mining, selection_reserve)
     config = from_dict(MiningConfig, _given(overrides), where="mine", flags=_given(overrides), flag_names=MINING_FLAGS)
     folder = OutputFolder(out, "mining")
     if folder.existing and (out / "hard_cases.csv").exists() and not overwrite:
@@ -154,8 +159,10 @@ def mine(
                                          "config": to_dict(config), "stats": result.stats})
     if result.leakage_warning:
         typer.echo(f"WARNING: {result.leakage_warning}", err=True)
+    reserved = result.stats["reserved_for_selection"]
     typer.echo(f"mined {result.stats['mined']} hard cases of {result.stats['predictions']} "
-               f"({result.stats['per_class']}) -> {out / 'hard_cases.csv'}")
+               + (f"({reserved} of the selection reserve left out) " if reserved else "")
+               + f"({result.stats['per_class']}) -> {out / 'hard_cases.csv'}")
 
 
 def mine_and_generate(
@@ -206,6 +213,7 @@ def mine_and_generate(
     max_cases: MaxCasesOpt = None,
     margin_threshold: MarginOpt = None,
     confusion: ConfusionOpt = None,
+    selection_reserve: ReserveOpt = None,
     allow_test_mining: TestMiningOpt = False,
     min_label_prob: Annotated[Optional[float], typer.Option(
         help="Drop variants the judge gives p(label) below this (default: 0.1).")] = None,
@@ -246,7 +254,7 @@ def mine_and_generate(
         "feature_cache": feature_cache,
         "allow_pickle": allow_pickle or None, "cache_dir": _absolute(cache_dir),
         "mining": mining_overrides(split, per_class_quota, max_per_lesion, max_cases, margin_threshold, confusion,
-                                   allow_test_mining),
+                                   allow_test_mining, selection_reserve),
         "inversion": {"steps": inversion_steps, "guidance": inversion_guidance, "depth": inversion_depth,
                       "fixed_point_iterations": fixed_point_iterations, "null_text_steps": null_text_steps},
         "variants": {"method": method, "per_image": variants_per_image, "strength": strength, "renoise": renoise,

@@ -26,10 +26,14 @@ from lesiongen.data.manifest import Manifest, load_manifest, write_manifest
 from lesiongen.errors import InputError
 
 
-def make_synthetic_manifest(real_path, out_dir, *, split: str, per_class: int, labels=None) -> str:
-    """Copies of real images of `split` under new names, as a synthetic manifest with provenance columns."""
+def make_synthetic_manifest(real_path, out_dir, *, split: str, per_class: int, labels=None, lesions=None) -> str:
+    """Copies of real images of `split` (of the `lesions` group ids, when given) under new names, as a synthetic
+    manifest with provenance columns."""
     real = load_manifest(real_path)
-    rows = real.df[real.df["split"] == split].groupby("label").head(per_class).reset_index(drop=True)
+    rows = real.df[real.df["split"] == split]
+    if lesions is not None:
+        rows = rows[rows["group_id"].astype(str).isin(lesions)]
+    rows = rows.groupby("label").head(per_class).reset_index(drop=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     images = []
     for i, row in rows.iterrows():

@@ -158,6 +158,42 @@ def test_selection_unseen_selects_on_the_lesions_no_synthetic_image_came_from(tr
     assert (history["val_balanced_accuracy"] == history["val_unseen_balanced_accuracy"]).all()
 
 
+def test_selection_reserved_selects_every_model_on_the_never_mined_lesions(env, toy_manifest, recipe, tmp_path):
+    """Variants of non-reserved val lesions train; the model is chosen on the reserve alone, and variants of a
+    reserved lesion are refused before any training."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from lesiongen.data.reserve import reserved_groups
+
+    val = load_manifest(toy_manifest).split("val").df
+    reserve = reserved_groups(val, 0.3)
+    outside = set(val["group_id"].astype(str)) - reserve
+    synthetic = make_synthetic_manifest(toy_manifest, tmp_path / "outside", split="val", per_class=2, lesions=outside)
+    out = tmp_path / "reserved"
+    result = cli("train-classifier", "--manifest", toy_manifest, "--synthetic", synthetic, "--config", recipe,
+                 "--selection", "reserved", "--selection-reserve", "0.3", "--out", out)
+    assert "model selection on the selection reserve" in result.output
+    training = json.loads((out / "classifier.json").read_text())["training"]
+    predictions = pd.read_csv(out / "eval-val" / "predictions.csv")
+    held = predictions[predictions["group_id"].astype(str).isin(reserve)]
+    assert training["selection"]["rule"] == "reserved" and training["selection"]["rows"] == len(held)
+    assert training["selection"]["reserved_lesions"] == len(reserve)
+    assert training["selection"]["classes_without_rows"] == []  # every class keeps a reserved lesion
+    assert training["val_balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(held["label"], held["pred"]), abs=1e-9)
+    history = pd.read_csv(out / "history.csv")
+    assert history["val_all_balanced_accuracy"].notna().all()
+
+    inside = make_synthetic_manifest(toy_manifest, tmp_path / "inside", split="val", per_class=1, lesions=reserve)
+    refused = cli("train-classifier", "--manifest", toy_manifest, "--synthetic", inside, "--config", recipe,
+                  "--selection", "reserved", "--out", tmp_path / "refused", expect=2)
+    assert "lesion(s) of the selection reserve" in refused.output and "--selection-reserve 0.3" in refused.output
+    assert not (tmp_path / "refused" / "classifier.json").exists()
+    unused = cli("train-classifier", "--manifest", toy_manifest, "--config", recipe, "--selection-reserve", "0.2",
+                 "--out", tmp_path / "unused", expect=2)
+    assert "only --selection reserved uses it" in " ".join(unused.output.replace("│", " ").split())
+
+
 def test_a_tied_selection_score_goes_to_the_lower_validation_loss(tmp_path):
     from lesiongen.classifier.checkpoints import TrainerState
     from lesiongen.classifier.train import improves

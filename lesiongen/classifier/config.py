@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 
 from lesiongen.config import check_learning_rate
 from lesiongen.data.manifest import SPLITS
+from lesiongen.data.reserve import check_share
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 TTA_MODES = ("none", "flip", "dihedral")
 EPOCH_LENGTHS = ("all", "real")
-SELECTION_RULES = ("all", "unseen")
+SELECTION_RULES = ("all", "unseen", "reserved")
 
 
 @dataclass
@@ -89,8 +90,10 @@ class TrainConfig:
     # Which val rows select the model: `all` every one; `unseen` leaves out the lesions synthetic training
     # images were made from (mined val cases), whose score is no longer held out. Both scores are logged.
     # `all` by default: on derm-dev both picked the same epochs, and on small sets `unseen` leaves a handful
-    # of images (the demo's round 2: 9 of 49) to choose on (bench/RESULTS.md).
+    # of images (the demo's round 2: 9 of 49) to choose on (bench/RESULTS.md). `reserved`: only the lesions of
+    # the selection reserve (lesiongen.data.reserve), the same for every arm; mining must leave them out.
     selection: str = "all"
+    selection_reserve: float = 0.3  # share of the validation lesions in the reserve (selection: reserved)
     checkpoint_every_steps: int | None = None  # besides the end of every epoch
     checkpoints_total_limit: int | None = 2
     eval_batch_size: int = 256
@@ -114,6 +117,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.selection not in SELECTION_RULES:
             raise ValueError(f"selection must be one of {list(SELECTION_RULES)}, got {self.selection!r}")
+        self.selection_reserve = check_share(self.selection_reserve, "selection_reserve")
         if self.epoch_length not in EPOCH_LENGTHS:
             raise ValueError(f"epoch_length must be one of {list(EPOCH_LENGTHS)}, got {self.epoch_length!r}")
         for name in ("img_size", "epochs", "batch_size", "grad_accum", "eval_batch_size"):

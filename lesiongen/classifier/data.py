@@ -2,7 +2,8 @@
 
 - The real manifest's train split trains and its val split selects the model; evaluation uses real
   (non-synthetic) rows only. With `selection: unseen` a validation lesion that synthetic training images
-  were made from (a mined hard case) no longer selects the model; `all` (the default) keeps every row.
+  were made from (a mined hard case) no longer selects the model; `all` (the default) keeps every row;
+  `reserved` selects on the selection reserve, a fixed share of the validation lesions that mining skips.
 - Synthetic manifests must use the real manifest's classes. Per class, at most `max_synthetic_ratio`
   synthetic rows per real training row are kept (a seeded random subset), each with loss weight
   `synthetic_weight`. Rows of the splits in `synthetic_splits` are used; the others are counted and left out.
@@ -28,6 +29,7 @@ from lesiongen.classifier.config import TrainConfig
 from lesiongen.classifier.held_out import leakage_warnings
 from lesiongen.data.images import load_uint8
 from lesiongen.data.manifest import Manifest, check_rows, load_manifest
+from lesiongen.data.reserve import reserved_groups
 from lesiongen.errors import InputError
 from lesiongen.utils.hashing import sha256_file
 
@@ -144,16 +146,23 @@ class SelectionRows:
     summary: dict  # saved in classifier.json under training.selection
 
 
-def selection_rows(val: Manifest, table: TrainingTable, rule: str) -> SelectionRows:
+def selection_rows(val: Manifest, table: TrainingTable, rule: str, reserve_share: float = 0.3) -> SelectionRows:
     """A mined hard case's variants keep its `group_id`, so some validation lesions may be sources of synthetic
     training images. `all` selects on every row anyway; `unseen` leaves those lesions out (falling back to
-    every row, and saying so, when none is left)."""
+    every row, and saying so, when none is left); `reserved` selects on the selection reserve
+    (lesiongen.data.reserve), which must be the source of no synthetic image."""
     groups = val.df["group_id"].astype(str).to_numpy()
     synthetic = table.rows[table.rows["synthetic"]]
     seen = set(synthetic["group_id"].astype(str)) & set(groups)
     unseen = ~np.isin(groups, sorted(seen))
-    mask = unseen.copy() if rule == "unseen" else np.ones(len(groups), dtype=bool)
     summary = {"rule": rule, "source_lesions": len(seen), "source_rows": int((~unseen).sum())}
+    if rule == "reserved":
+        reserve = reserved_groups(val.df, reserve_share)
+        _refuse_reserved_sources(synthetic, seen & reserve, reserve_share)
+        mask = np.isin(groups, sorted(reserve))
+        summary.update(reserve_share=reserve_share, reserved_lesions=len(reserve))
+    else:
+        mask = unseen.copy() if rule == "unseen" else np.ones(len(groups), dtype=bool)
     if not mask.any():
         mask[:] = True
         summary.update(rule="all", note=(
@@ -163,6 +172,18 @@ def selection_rows(val: Manifest, table: TrainingTable, rule: str) -> SelectionR
     summary["rows"] = int(mask.sum())
     summary["classes_without_rows"] = sorted(set(val.classes) & set(labels) - set(labels[mask]))
     return SelectionRows(mask, unseen, summary)
+
+
+def _refuse_reserved_sources(synthetic: pd.DataFrame, lesions: set[str], share: float) -> None:
+    """Selecting on lesions the model trained variants of is what the reserve exists to prevent."""
+    if not lesions:
+        return
+    hit = synthetic[synthetic["group_id"].astype(str).isin(lesions)]
+    raise InputError(
+        f"selection 'reserved': {len(hit)} synthetic training image(s) come from {len(lesions)} lesion(s) of the "
+        f"selection reserve (e.g. {hit['path'].iloc[0]}, lesion {hit['group_id'].iloc[0]}); mine with "
+        f"--selection-reserve {share:g} (mining.selection_reserve) so those lesions are never mined, or select "
+        "with --selection all / unseen")
 
 
 def _rows(manifest: Manifest, *, synthetic: bool) -> pd.DataFrame:

@@ -5,7 +5,8 @@ set of positions drawn by `EpochSampler`, gathered from that tensor and augmente
 data pipeline costs a few kernels per step. accelerate provides mixed precision, DDP, gradient
 accumulation and checkpoint state; the model is selected (and training stopped early) on validation
 balanced accuracy, computed from predictions gathered over all processes (every validation row, or with
-`selection: unseen` the lesions no synthetic training image was made from; both scores are logged).
+`selection: unseen` the lesions no synthetic training image was made from, with `reserved` the selection
+reserve that mining skips; the score on every row is logged beside it).
 
 Output folder: `config.yaml`, the best model (`model.safetensors` + `classifier.json`), `history.csv`,
 `checkpoint-N/` folders, and `eval-val/` (the best model's validation evaluation, as `lesiongen evaluate`
@@ -172,7 +173,7 @@ class ClassifierTrainer:
         self.val_rows = real_split(manifest, "val")
         real_split(manifest, "train")
         table = training_table(manifest, load_synthetic(cfg.synthetic, manifest), cfg)
-        self.selection = selection_rows(self.val_rows, table, cfg.selection)
+        self.selection = selection_rows(self.val_rows, table, cfg.selection, cfg.selection_reserve)
         check_arch(cfg.arch)  # every process fails fast, before the slow part below
         with acc.main_process_first():  # the first process converts weights and decodes; the others read caches
             model = create_classifier(cfg.arch, len(manifest.classes), cfg.pretrained, drop_rate=cfg.drop_rate,
@@ -211,6 +212,11 @@ class ClassifierTrainer:
         summary = self.selection.summary
         if summary.get("note"):
             self.accelerator.print(f"warning: {summary['note']}")
+        elif summary["rule"] == "reserved":
+            self.accelerator.print(
+                f"model selection on the selection reserve: {summary['reserved_lesions']} validation lesions "
+                f"({summary['rows']} of {len(self.selection.mask)} images, share {summary['reserve_share']:g}), "
+                f"none of them a source of the synthetic training images")
         elif summary["source_lesions"]:
             missing = summary["classes_without_rows"]
             self.accelerator.print(
@@ -305,13 +311,16 @@ class ClassifierTrainer:
         model.train()
         labels = self.val_data.labels.cpu()
         every = _panel(probs, labels, self.spec)
-        unseen = self.selection.unseen
-        if not unseen.any() or unseen.all():  # no second set to score
+        mask, unseen = self.selection.mask, self.selection.unseen
+        unseen_differs = unseen.any() and not unseen.all()
+        if mask.all() and not unseen_differs:  # no second set to score
             return every, probs
-        clean = _panel(probs, labels, self.spec, torch.from_numpy(unseen))
-        selected = clean if self.selection.summary["rule"] == "unseen" else every
-        return {**selected, "all_balanced_accuracy": every["balanced_accuracy"],
-                "unseen_balanced_accuracy": clean["balanced_accuracy"]}, probs
+        selected = every if mask.all() else _panel(probs, labels, self.spec, torch.from_numpy(mask))
+        metrics = {**selected, "all_balanced_accuracy": every["balanced_accuracy"]}
+        if unseen_differs:
+            clean = selected if (unseen == mask).all() else _panel(probs, labels, self.spec, torch.from_numpy(unseen))
+            metrics["unseen_balanced_accuracy"] = clean["balanced_accuracy"]
+        return metrics, probs
 
     # ------------------------------------------------------------------ loop
 
@@ -425,11 +434,13 @@ class ClassifierTrainer:
         row = {"epoch": state.epoch + 1, "step": state.global_step, "lr": self.scheduler.get_last_lr()[0],
                "train_loss": train_loss, **{f"val_{k}": v for k, v in metrics.items()}}
         state.history.append(row)
-        unseen = metrics.get("unseen_balanced_accuracy")
+        others = [f"{metrics[key]:.4f} {what}" for key, what in (
+            ("unseen_balanced_accuracy", "on the lesions no synthetic image came from"),
+            ("all_balanced_accuracy", "on all")) if key in metrics]
         acc.print(f"epoch {state.epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, val loss {metrics['loss']:.4f}, "
-                  f"val balanced accuracy {score:.4f}{' (best)' if improved else ''}"
-                  + (f" ({unseen:.4f} on the lesions no synthetic image came from, "
-                     f"{metrics['all_balanced_accuracy']:.4f} on all)" if unseen is not None else ""))
+                  f"val balanced accuracy {score:.4f}"
+                  f"{' on the selection reserve' if self.selection.summary['rule'] == 'reserved' else ''}"
+                  f"{' (best)' if improved else ''}" + (f" ({', '.join(others)})" if others else ""))
         if acc.is_main_process:
             with atomic_path(self.out_dir / HISTORY_FILE) as tmp:
                 pd.DataFrame(state.history).to_csv(tmp, index=False)

@@ -9,7 +9,7 @@ synthetic manifests, the seed) are refused in those sections.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +227,7 @@ class LoopConfig:
             if not isinstance(count, int) or count < 1:
                 raise ValueError(f"rare_classes.{key} must be a positive integer, got {count!r}")
         self.synthesis = library_section(SynthesisConfig, self.synthesis or {}, SYNTHESIS_INPUTS, "synthesis")
+        self._share_selection_reserve()
         if self.mining.split not in self.classifier.synthetic_splits:  # variants keep their source's split
             wanted = [s for s in SPLITS if s in {*self.classifier.synthetic_splits, self.mining.split}]
             raise ValueError(
@@ -234,6 +235,19 @@ class LoopConfig:
                 f"{self.classifier.synthetic_splits} leaves rows of that split out of training: the variants of its "
                 "hard cases keep their source's split, so the mined and classical arms would add no image; add it "
                 f"(--set classifier.synthetic_splits=[{','.join(wanted)}])")
+
+    def _share_selection_reserve(self) -> None:
+        """`classifier.selection: reserved` selects on lesions that mining must skip: one setting drives both."""
+        reserve = self.classifier.selection_reserve if self.classifier.selection == "reserved" else None
+        if self.mining.selection_reserve not in (None, reserve):  # a resumed run's saved config repeats it
+            raise ValueError(
+                f"mining.selection_reserve is set by the loop (classifier.selection_reserve when classifier."
+                f"selection is 'reserved'), got {self.mining.selection_reserve!r} with classifier.selection "
+                f"{self.classifier.selection!r}; set classifier.selection=reserved and classifier.selection_reserve")
+        if reserve is not None and self.mining.split != "val":
+            raise ValueError(f"classifier.selection 'reserved' selects on validation lesions that mining skips, "
+                             f"but mining.split is {self.mining.split!r}; mine 'val' or select with 'all'/'unseen'")
+        self.mining = replace(self.mining, selection_reserve=reserve)
 
     @property
     def leakage(self) -> bool:

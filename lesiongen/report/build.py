@@ -112,6 +112,9 @@ def _overview(summary: dict, config: LoopConfig, gaps: dict[str, dict[str, tuple
         f"{config.classifier.epochs} epochs, chosen on validation balanced accuracy"
         + (" over the validation lesions that none of its synthetic training images were made from "
            "(`selection: unseen`)." if config.classifier.selection == "unseen" else
+           f" over the selection reserve: {config.classifier.selection_reserve:g} of the validation lesions per "
+           "class, never mined, the same images for every arm (`selection: reserved`)."
+           if config.classifier.selection == "reserved" else
            " over every validation row (`selection: all`), including the mined hard cases whose variants the "
            "mined and classical arms train on; the model-selection table gives the score without them."),
         f"{summary['rounds']} round(s), seeds {summary['seeds']}; hard cases mined on the "

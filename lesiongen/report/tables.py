@@ -220,7 +220,8 @@ def selection_table(results: Results) -> Table | None:
                  caption="Model selection (means over seeds; `classifier.selection`). Mined hard cases are validation "
                          "images and their variants keep the lesion id, so with `all` the mined and classical arms "
                          "are selected partly on lesions they trained on; the last score leaves those out. Each arm "
-                         "leaves out its own lesions, the hardest ones, so that column does not compare arms.")
+                         "leaves out its own lesions, the hardest ones, so that column does not compare arms; "
+                         "`reserved` selects every arm on the same never-mined lesions.")
 
 
 def budget_gaps(results: Results, classes: list[str]) -> dict[str, dict[str, tuple[float, float]]]:

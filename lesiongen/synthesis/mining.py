@@ -10,7 +10,8 @@ many cases each class gets.
 
 Mining is done on the validation split. The test split is refused unless the caller opts in
 (`allow_test_mining`), because images made from test cases and trained on make the test numbers
-optimistic; such a result carries `LEAKAGE_WARNING`, which every output of the run repeats.
+optimistic; such a result carries `LEAKAGE_WARNING`, which every output of the run repeats. With
+`selection_reserve`, the reserved validation lesions (lesiongen.data.reserve) are never candidates.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from lesiongen.data.manifest import SPLITS, check_rows, load_manifest, numeric_column, read_csv_text
+from lesiongen.data.reserve import check_share, reserved_groups
 from lesiongen.errors import InputError, LesiongenError
 from lesiongen.utils.hashing import sha256_file
 
@@ -58,6 +60,9 @@ class MiningConfig:
     max_cases: int | None = None  # overall budget: the hardest this many after the caps (None: all)
     confusion_weights: dict[str, float] | None = None  # None: DEFAULT_CONFUSION_WEIGHTS for present classes
     allow_test_mining: bool = False
+    # Leave this share of the validation lesions out (lesiongen.data.reserve): the classifier's `selection:
+    # reserved` selects on them, so they must never become variants. None: mine every lesion.
+    selection_reserve: float | None = None
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -78,6 +83,11 @@ class MiningConfig:
             raise ValueError(f"max_per_lesion must be >= 1 or null, got {self.max_per_lesion}")
         if self.max_cases is not None and self.max_cases < 1:
             raise ValueError(f"max_cases must be >= 1 or null, got {self.max_cases}")
+        if self.selection_reserve is not None:
+            if self.split != "val":
+                raise ValueError(f"selection_reserve is a share of the validation lesions, but the mining split is "
+                                 f"'{self.split}'; mine split 'val' or leave selection_reserve unset")
+            self.selection_reserve = check_share(self.selection_reserve, "selection_reserve")
         for key, weight in (self.confusion_weights or {}).items():
             parse_confusion_key(key)
             if not (isinstance(weight, (int, float)) and weight > 0):
@@ -123,6 +133,7 @@ class Predictions:
     classes: list[str]
     path: Path
     meta: dict = field(default_factory=dict)
+    split_rows: pd.DataFrame | None = None  # the manifest's rows of the split (the selection reserve's base)
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -176,11 +187,12 @@ def load_predictions(path: str | os.PathLike, manifest_path: str | os.PathLike, 
         df[column] = numeric_column(df, column, path, low=0.0, high=1.0)
     check_rows(df, df["label"].isin(classes) & df["pred"].isin(classes), path,
                lambda row: f": label/pred '{row['label']}'/'{row['pred']}' not in {classes}")
-    _check_rows_against_manifest(df, path, manifest_path, split)
-    return Predictions(df.reset_index(drop=True), list(classes), path, meta)
+    split_rows = _check_rows_against_manifest(df, path, manifest_path, split)
+    return Predictions(df.reset_index(drop=True), list(classes), path, meta, split_rows)
 
 
-def _check_rows_against_manifest(df: pd.DataFrame, path: Path, manifest_path: str | os.PathLike, split: str) -> None:
+def _check_rows_against_manifest(df: pd.DataFrame, path: Path, manifest_path: str | os.PathLike,
+                                 split: str) -> pd.DataFrame:
     """Each prediction row (index = file row - 2) must be a distinct image of the manifest's `split`, with the
     manifest's label and group_id: a mismatch would mine an image under the wrong class or lesion."""
     duplicated = df.index[df["image"].duplicated()]
@@ -189,7 +201,8 @@ def _check_rows_against_manifest(df: pd.DataFrame, path: Path, manifest_path: st
         first = df.index[df["image"] == df.at[i, "image"]][0]
         raise InputError(f"{path} row {i + 2}: image '{df.at[i, 'image']}' is listed twice (also row {first + 2})")
     manifest = load_manifest(manifest_path)
-    rows = manifest.split(split, allow_empty=True).df.set_index("image")
+    part = manifest.split(split, allow_empty=True)
+    rows = part.df.set_index("image")
     for i, image, label, group in zip(df.index, df["image"], df["label"], df["group_id"]):
         if image not in rows.index:
             raise InputError(f"{path} row {i + 2}: image '{image}' is not in split '{split}' of {manifest_path}")
@@ -200,6 +213,7 @@ def _check_rows_against_manifest(df: pd.DataFrame, path: Path, manifest_path: st
         if str(group) != str(expected_group):
             raise InputError(f"{path} row {i + 2}: image '{image}' has group_id '{group}', but {manifest_path} "
                              f"gives '{expected_group}'")
+    return part.subset(~part.is_synthetic).df  # the classifier's validation rows when split is val
 
 
 @dataclass
@@ -212,9 +226,20 @@ class MiningResult:
 def mine_hard_cases(predictions: Predictions, config: MiningConfig) -> MiningResult:
     """Select, score and cap the hard cases; raises NoHardCasesError when nothing qualifies."""
     df = predictions.df.copy()
+    reserved = 0
+    if config.selection_reserve is not None:
+        base = predictions.split_rows if predictions.split_rows is not None else df
+        keep = ~df["group_id"].astype(str).isin(reserved_groups(base, config.selection_reserve)).to_numpy()
+        df, reserved = df[keep].reset_index(drop=True), int((~keep).sum())
+        if df.empty:
+            raise NoHardCasesError(
+                f"every one of the {reserved} predictions in {predictions.path} is of a lesion in the selection "
+                f"reserve (--selection-reserve {config.selection_reserve:g}, at least one lesion of every class); "
+                "nothing is left to mine. Lower the share, use a larger validation split, or select with "
+                "--selection all / unseen and mine without the reserve")
     classes = predictions.classes
-    probs = predictions.probabilities
-    label_idx = np.array([classes.index(c) for c in df["label"]])
+    probs = df[[f"prob_{c}" for c in classes]].to_numpy(dtype=np.float64)
+    label_idx = np.array([classes.index(c) for c in df["label"]], dtype=np.int64)
     others = probs.copy()
     others[np.arange(len(df)), label_idx] = -np.inf
     # The class a case is confused with: the prediction when wrong, the runner-up when right.
@@ -242,7 +267,8 @@ def mine_hard_cases(predictions: Predictions, config: MiningConfig) -> MiningRes
 
     stats = {
         "split": config.split,
-        "predictions": len(df),
+        "predictions": len(df) + reserved,
+        "reserved_for_selection": reserved,  # rows of the selection reserve's lesions, never mined
         "misclassified": int((~correct).sum()),
         "candidates": int((reason != "").sum()),
     }
