@@ -183,6 +183,24 @@ def test_selection_reserved_selects_every_model_on_the_never_mined_lesions(env, 
         balanced_accuracy_score(held["label"], held["pred"]), abs=1e-9)
     history = pd.read_csv(out / "history.csv")
     assert history["val_all_balanced_accuracy"].notna().all()
+    # the operating thresholds come from the reserve too, and the test evaluation applies those
+    from lesiongen.metrics.clinical import ClinicalSpec, operating_points
+
+    classes = load_manifest(toy_manifest).classes
+    probs = torch.tensor(held[[f"prob_{c}" for c in classes]].to_numpy())
+    target = torch.tensor([classes.index(label) for label in held["label"]])
+    expected = {name: t for name, (_, t) in operating_points(probs, target, ClinicalSpec.default_for(classes)).items()}
+    chosen = json.loads((out / "eval-val" / "metrics.json").read_text())["selection"]
+    assert chosen["rule"] == "reserved" and chosen["n_images"] == len(held)
+    assert {k: v for k, v in chosen["thresholds"].items() if v is not None} == pytest.approx(
+        {k: v for k, v in expected.items() if math.isfinite(v)}, abs=1e-6)
+    cli("evaluate", "--model", out, "--manifest", toy_manifest, "--split", "test", "--bootstrap", "0",
+        "--out", tmp_path / "reserved-test")
+    fixed = json.loads((tmp_path / "reserved-test" / "metrics.json").read_text())["fixed_thresholds"]
+    assert "on the 14 validation images that selected the model (selection: reserved)".replace(
+        "14", str(len(held))) in fixed["from"]
+    assert {k: v for k, v in fixed["thresholds"].items() if v is not None and math.isfinite(v)} == pytest.approx(
+        {k: v for k, v in chosen["thresholds"].items() if v is not None})
 
     inside = make_synthetic_manifest(toy_manifest, tmp_path / "inside", split="val", per_class=1, lesions=reserve)
     refused = cli("train-classifier", "--manifest", toy_manifest, "--synthetic", inside, "--config", recipe,
@@ -608,6 +626,7 @@ def test_scores_that_are_not_held_out_carry_a_leakage_warning(trained, toy_manif
 def test_test_scores_apply_the_thresholds_validation_chose(trained, toy_manifest, tmp_path):
     val = json.loads((trained / "eval-val" / "metrics.json").read_text())
     assert "fixed_thresholds" not in val and not any("val_threshold" in k for k in val["metrics"])
+    assert "selection" not in val  # every val row selected it (selection: all): the thresholds are the top-level ones
     ran = cli("evaluate", "--model", trained, "--manifest", toy_manifest, "--split", "test", "--bootstrap", "20",
               "--out", tmp_path / "test")
     report = json.loads((tmp_path / "test" / "metrics.json").read_text())

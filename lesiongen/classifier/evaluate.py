@@ -61,6 +61,10 @@ class Evaluation:
     folder: Path | None = None  # the evaluation folder it was read from, if any
     # the positive class's operating thresholds chosen on validation (`val_thresholds`), applied unchanged
     fixed_thresholds: dict[str, float] | None = None
+    thresholds_from: str = "the model's validation evaluation (eval-val/metrics.json)"
+    # the trainer's validation evaluation: which rows selected the model (`selection`), and by which rule
+    selection_mask: np.ndarray | None = None
+    selection_rule: str | None = None
 
     @property
     def name(self) -> str:
@@ -112,13 +116,27 @@ class Evaluation:
             "metrics": clinical_metrics(probs, target, spec),
             f"ci{round(bootstrap.confidence * 100)}": intervals,
             "thresholds": {name: threshold for name, (_, threshold) in points.items()},
-            **({"fixed_thresholds": {"from": "the model's validation evaluation (eval-val/metrics.json)",
+            **({"selection": self._selection_points()} if self._selects_on_part() else {}),
+            **({"fixed_thresholds": {"from": self.thresholds_from,
                                      "thresholds": self.fixed_thresholds}} if self.fixed_thresholds else {}),
             "confusion_matrix": {"rows": "true class", "columns": "predicted class",
                                  "classes": self.classes, "counts": confmat.long().tolist()},
             "bootstrap": {"n_resamples": bootstrap.n_resamples, "seed": bootstrap.seed, "unit": "group_id",
                           "confidence": bootstrap.confidence, "method": "percentile"},
         })
+
+
+    def _selects_on_part(self) -> bool:
+        return self.selection_mask is not None and not bool(np.all(self.selection_mask))
+
+    def _selection_points(self) -> dict:
+        """The operating points on the rows that selected the model: the thresholds later splits apply. Rows
+        the model trained variants of (mined lesions) would give it a threshold tuned on its own material."""
+        mask = torch.from_numpy(np.asarray(self.selection_mask, dtype=bool))
+        points = operating_points(self.probs.double()[mask], self.target[mask], self.spec)
+        return {"rule": self.selection_rule, "n_images": int(mask.sum()),
+                "thresholds": {name: threshold for name, (_, threshold) in points.items()},
+                "metrics": {name: value for name, (value, _) in points.items()}}
 
 
 def evaluation_meta(manifest_path: str | os.PathLike, split: str, classes: list[str], model: str) -> dict:
@@ -178,35 +196,42 @@ def evaluate_model(model_dir: str | os.PathLike, manifest_path: str | os.PathLik
     warnings = held_out_warnings(info, manifest, rows.df, split, meta["manifest_sha256"])
     if warnings:
         meta["leakage_warnings"] = warnings
-    fixed = val_thresholds(model_dir) if split != "val" and info.tta == own_tta else None
-    return Evaluation(rows.df, probs, data.labels, list(info.classes), meta, fixed_thresholds=fixed)
+    fixed, source = val_thresholds(model_dir) if split != "val" and info.tta == own_tta else (None, "")
+    return Evaluation(rows.df, probs, data.labels, list(info.classes), meta, fixed_thresholds=fixed,
+                      thresholds_from=source)
 
 
-def val_thresholds(model_dir: str | os.PathLike) -> dict[str, float] | None:
-    """The operating thresholds the trainer's validation evaluation of its selected model chose (None when the
-    folder has none: a model from elsewhere).
+def val_thresholds(model_dir: str | os.PathLike) -> tuple[dict[str, float] | None, str]:
+    """The operating thresholds the trainer's validation evaluation of its selected model chose, on the rows
+    that selected it (its `selection` block, when only some did), and where they come from; None when the
+    folder has none (a model from elsewhere).
 
     JSON has no infinity, so a threshold is null both where the point is undefined (no melanoma in val: its
     value is null too) and where only +inf reached it (call nothing positive: its value is defined); the
     first is left out, the second comes back as +inf."""
     path = Path(model_dir) / VAL_EVALUATION / METRICS
+    source = "the model's validation evaluation (eval-val/metrics.json)"
     if not path.is_file():
-        return None
+        return None, source
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
-        thresholds, values = report.get("thresholds", {}), report.get("metrics", {})
+        chosen = report.get("selection") or report
+        thresholds, values = chosen.get("thresholds", {}), chosen.get("metrics", {})
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
         raise InputError(f"{path}: not the metrics.json `lesiongen train-classifier` writes ({err})") from err
     if not isinstance(thresholds, dict) or not isinstance(values, dict):
         raise InputError(f"{path}: 'thresholds' and 'metrics' must be mappings; expected the metrics.json "
                          "`lesiongen train-classifier` writes")
+    if chosen is not report:
+        source += (f", on the {chosen.get('n_images', '?')} validation images that selected the model "
+                   f"(selection: {chosen.get('rule', '?')})")
     fixed = {}
     for name, threshold in thresholds.items():
         if threshold is None and values.get(name) is not None:
             fixed[name] = math.inf
         elif isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold):
             fixed[name] = float(threshold)
-    return fixed or None
+    return fixed or None, source
 
 
 def read_evaluation(folder: str | os.PathLike) -> Evaluation:

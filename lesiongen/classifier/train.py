@@ -467,7 +467,8 @@ class ClassifierTrainer:
             probs = predict_distributed(acc, model, self.info, self.val_data.images, loader=self.val_loader)
         if acc.is_main_process:
             meta = evaluation_meta(self.config.manifest, "val", self.info.classes, str(self.out_dir))
-            evaluation = Evaluation(self.val_rows.df, probs, self.val_data.labels.cpu(), self.info.classes, meta)
+            evaluation = Evaluation(self.val_rows.df, probs, self.val_data.labels.cpu(), self.info.classes, meta,
+                                    selection_mask=self.selection.mask, selection_rule=self.selection.summary["rule"])
             # Validation selects the model; intervals belong to `lesiongen evaluate` on the test split.
             write_evaluation(evaluation, self.out_dir / EVAL_DIR, BootstrapSettings(n_resamples=0), overwrite=True)
         acc.wait_for_everyone()
