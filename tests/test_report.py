@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from lesiongen.cli.app import app
@@ -239,3 +240,17 @@ def test_report_says_whether_the_arms_took_equal_steps(tiny_loop_run, tmp_path, 
     result = CliRunner().invoke(app, ["report", str(run_dir)])
     assert result.exit_code == 0, result.output
     assert says in (run_dir / "report.md").read_text(encoding="utf-8")
+
+
+def test_report_says_when_every_arm_was_selected_on_the_selection_reserve(tiny_loop_run, tmp_path):
+    """The wording follows the run's rule; the run itself (rule `all`) is copied, its config switched."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_loop_run.run_dir, run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["classifier"].update(selection="reserved", selection_reserve=0.25)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    markdown = " ".join((run_dir / "report.md").read_text(encoding="utf-8").split())
+    assert "over the selection reserve: 0.25 of the validation lesions per class, never mined" in markdown
+    assert "no arm trained on variants of these never-mined images" in markdown

@@ -77,7 +77,7 @@ def build_document(run_dir: str | Path) -> Document:
         doc.add(Heading("Paired tests against the real-only classifier", 3), paired)
     doc.add(Heading("Per class", 3), tables.per_class_table(results, classes))
 
-    doc.add(Heading("Rounds"), *_curves(results))
+    doc.add(Heading("Rounds"), *_curves(results, config.classifier.selection))
     selection = tables.selection_table(results)
     if selection is not None:
         doc.add(Heading("Model selection", 3), selection)
@@ -136,7 +136,7 @@ def _overview(summary: dict, config: LoopConfig, gaps: dict[str, dict[str, tuple
     return [Heading("Run"), *[Paragraph(line) for line in lines], arms]
 
 
-def _curves(results: tables.Results) -> list:
+def _curves(results: tables.Results, rule: str) -> list:
     out = []
     last = max((r for _, r, _ in results.groups()), default=0)
     for key, title in results.metric_keys()[1:3]:
@@ -157,8 +157,11 @@ def _curves(results: tables.Results) -> list:
         val_series.setdefault(arm, []).append((r, *_band(values, None)))
     out.append(Figure("curve-val-balanced-accuracy", figures.round_curves(val_series, "validation balanced accuracy"),
                       "Validation balanced accuracy each round's model was selected on (its best epoch; which rows: "
-                      "the model-selection table). Selected on, so not held out, and the mined and classical arms "
-                      "train on variants of some of these images: the test curves above compare arms."))
+                      "the model-selection table). Selected on, so not held out"
+                      + (", though no arm trained on variants of these never-mined images (`selection: reserved`)"
+                         if rule == "reserved" else
+                         ", and the mined and classical arms train on variants of some of these images")
+                      + ": the test curves above compare arms."))
     return out
 
 
