@@ -125,7 +125,6 @@ class Evaluation:
                           "confidence": bootstrap.confidence, "method": "percentile"},
         })
 
-
     def _selects_on_part(self) -> bool:
         return self.selection_mask is not None and not bool(np.all(self.selection_mask))
 
