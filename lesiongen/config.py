@@ -355,6 +355,32 @@ def merge(base: dict, overrides: dict, *, none_is_value: bool = False) -> dict:
     return out
 
 
+def with_defaults(cls: type, data: Mapping) -> dict:
+    """`data` (a saved config of `cls`) with every field it lacks, at any depth, set to its default, as
+    `to_dict` would write it: a config saved by an older version compares equal to today's resolved one
+    when only fields added since (with their defaults) differ. Keys that are not fields pass through."""
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for field in dataclasses.fields(cls):
+        nested = _dataclass_in(hints.get(field.name))
+        if field.name in out:
+            if nested is not None and isinstance(out[field.name], Mapping):
+                out[field.name] = with_defaults(nested, out[field.name])
+        elif field.default is not dataclasses.MISSING:
+            out[field.name] = to_dict(field.default)
+        elif field.default_factory is not dataclasses.MISSING:
+            out[field.name] = to_dict(field.default_factory())
+    return out
+
+
+def _dataclass_in(annotation: Any) -> type | None:
+    """The dataclass an annotation names (`Config`, `Config | None`), else None."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    dataclass_args = [a for a in typing.get_args(annotation) if dataclasses.is_dataclass(a)]
+    return dataclass_args[0] if len(dataclass_args) == 1 else None
+
+
 def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}

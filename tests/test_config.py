@@ -18,7 +18,7 @@ from lesiongen.classifier.config import TrainConfig
 from lesiongen.cli.app import app
 from lesiongen.cli.finetune import FINETUNE_FLAGS
 from lesiongen.cli.synthesis import SYNTHESIS_FLAGS
-from lesiongen.config import ALLOW_INF, check_finite, from_dict, load_yaml
+from lesiongen.config import ALLOW_INF, check_finite, from_dict, load_yaml, to_dict, with_defaults
 from lesiongen.diffusion.finetune import FinetuneConfig, resolve_config
 from lesiongen.diffusion.generate import GenerationSettings
 from lesiongen.diffusion.presets import PRESETS
@@ -300,3 +300,16 @@ def test_an_out_below_a_file_is_a_one_line_error(tmp_path):
     result = CliRunner().invoke(app, ["data", "toy", "--out", str(tmp_path / "afile" / "sub")])
     assert result.exit_code == 2, result.output
     assert f"Error: {tmp_path / 'afile'} is a file, but a folder is needed there" in result.output
+
+
+def test_with_defaults_fills_fields_added_since_a_config_was_saved_at_any_depth():
+    from lesiongen.synthesis.pipeline import SynthesisConfig
+
+    today = to_dict(SynthesisConfig(predictions="p.csv", manifest="m.csv", base="b"))
+    saved = {**today, "mining": {k: v for k, v in today["mining"].items() if k != "selection_reserve"},
+             "leakage_warning": "kept as it is"}
+    del saved["feature_cache"]
+    filled = with_defaults(SynthesisConfig, saved)
+    assert filled == {**today, "leakage_warning": "kept as it is"}
+    changed = with_defaults(SynthesisConfig, {**saved, "mining": {"split": "test"}})
+    assert changed["mining"] == {**today["mining"], "split": "test"}  # a saved value is kept, not replaced

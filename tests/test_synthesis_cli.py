@@ -125,6 +125,12 @@ def test_mine_invert_vary_filter_traces_every_row_back(made, toy_manifest, tiny_
     cli(*args)
     assert {image: (out / image).read_bytes() for image in before} == before
     assert (out / "manifest.csv").read_bytes() == first_manifest
+    # a run of an older version saved no setting added since (here a nested one): it resumes, redoing nothing
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["mining"]["selection_reserve"]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    cli(*args)
+    assert [p.stat().st_mtime_ns for p in records[1:]] == stamps[1:]
 
     changed = cli(*args[:-1], "0.2", expect=2)  # --min-label-prob changed
     assert "other settings (filters differ)" in changed.output and "--overwrite" in changed.output

@@ -9,7 +9,6 @@ run, make the same images. The main process then joins the records into the synt
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import pandas as pd
 import torch
 import yaml
 
-from lesiongen.config import to_dict
+from lesiongen.config import to_dict, with_defaults
 from lesiongen.errors import InputError, OutputExistsError
 from lesiongen.metrics.memorization import MemorizationIndex
 from lesiongen.synthesis.conditioning import PromptCache
@@ -287,12 +286,11 @@ def prepare_output(out: Path, resolved: dict, overwrite: bool, inputs: dict[str,
             raise OutputExistsError(f"{out} holds no config.yaml of a mine-and-generate run; "
                                     "pass --overwrite or choose another --out")
         else:
-            previous = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-            # a setting newer than the run's config.yaml had its default then (runs of older versions resume)
-            defaults = {f.name: f.default for f in dataclasses.fields(SynthesisConfig)
-                        if f.default is not dataclasses.MISSING}
+            # a setting newer than the run's config.yaml, at any depth, had its default then (runs of older
+            # versions resume)
+            previous = with_defaults(SynthesisConfig, yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
             changed = sorted(k for k in set(previous) | set(resolved)
-                             if k not in EXECUTION_KEYS and previous.get(k, defaults.get(k)) != resolved.get(k))
+                             if k not in EXECUTION_KEYS and previous.get(k) != resolved.get(k))
             if changed:
                 raise OutputExistsError(f"{out} holds a run with other settings ({', '.join(changed)} differ); "
                                         "pass --overwrite to replace it or choose another --out")
