@@ -322,6 +322,30 @@ def test_resume_from_a_mid_epoch_checkpoint_reproduces_the_uninterrupted_run(env
     assert "started with another config" in changed.output and "epochs: 2 -> 3" in changed.output
 
 
+def test_resume_refuses_a_manifest_whose_content_changed_under_the_same_path(env, toy_manifest, recipe, tmp_path):
+    """A re-indexed manifest (another split) or a synthetic folder that grew keeps its path: the run records
+    the files' hashes when it starts and a resume on other content is refused before any training."""
+    real = load_manifest(toy_manifest)
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(Manifest(real.df, real.root, real.classes), manifest)
+    synthetic = make_synthetic_manifest(toy_manifest, tmp_path / "synthetic", split="train", per_class=1)
+    out = tmp_path / "run"
+    cli("train-classifier", "--manifest", manifest, "--synthetic", synthetic, "--config", recipe, "--out", out)
+    recorded = json.loads((out / "inputs.json").read_text())
+    assert recorded == {"--manifest": sha256_file(manifest), f"--synthetic {synthetic}": sha256_file(synthetic)}
+    last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    shutil.rmtree(last)  # as if killed before its last checkpoint
+    df = real.df.copy()
+    df.loc[df.index[df["split"] == "train"][:5], "split"] = "test"
+    write_manifest(Manifest(df, real.root, real.classes), manifest)
+    refused = cli("train-classifier", "--out", out, "--resume", "latest", expect=2)
+    text = " ".join(refused.output.replace("│", " ").split())
+    assert "was started from other files under the same paths (--manifest: content changed since" in text
+    assert "start a new --out, or pass --overwrite" in text and not last.exists()
+    write_manifest(Manifest(real.df, real.root, real.classes), manifest)  # the original content resumes
+    assert "resumed from" in cli("train-classifier", "--out", out, "--resume", "latest").output
+
+
 def test_bad_inputs_fail_with_clear_errors(env, toy_manifest, recipe, tmp_path):
     manifest = load_manifest(toy_manifest)
     out = tmp_path / "never"

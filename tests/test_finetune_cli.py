@@ -73,6 +73,30 @@ def test_resume_latest_continues_to_the_same_weights_as_an_uninterrupted_run(fin
     assert changed.exit_code == 2 and "lora" in changed.output and "other settings" in changed.output
 
 
+def test_resume_refuses_a_manifest_whose_content_changed_under_the_same_path(finetuned_adapter_dir, toy_manifest,
+                                                                            tmp_path):
+    """The settings name the manifest by path; a re-split manifest there would continue on other images."""
+    from lesiongen.data.manifest import Manifest, load_manifest, write_manifest
+    from lesiongen.utils.hashing import sha256_file
+
+    real = load_manifest(toy_manifest)
+    manifest = tmp_path / "manifest.csv"
+    write_manifest(Manifest(real.df, real.root, real.classes), manifest)
+    config = finetuned_adapter_dir / "config.yaml"
+    out = tmp_path / "run"
+    first = finetune("--config", config, "--manifest", manifest, "--out", out, "--steps", "2",
+                     "--checkpoint-every", "2")
+    assert first.exit_code == 0, first.output
+    assert json.loads((out / "inputs.json").read_text())["--manifest"] == sha256_file(manifest)
+    df = real.df.copy()
+    df.loc[df.index[df["split"] == "train"][:5], "split"] = "test"
+    write_manifest(Manifest(df, real.root, real.classes), manifest)
+    refused = finetune("--out", out, "--steps", "4", "--resume", "latest")
+    text = " ".join(refused.output.replace("│", " ").split())
+    assert refused.exit_code == 2 and "(--manifest: content changed since" in text, text
+    assert not (out / "checkpoint-4").exists()
+
+
 def test_a_base_that_is_not_a_pipeline_is_refused(toy_data_dir, toy_manifest, tmp_path):
     result = finetune("--base", toy_data_dir, "--manifest", toy_manifest, "--out", tmp_path / "x", "--steps", "1")
     assert result.exit_code == 2

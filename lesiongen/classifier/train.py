@@ -62,6 +62,7 @@ from lesiongen.config import save_config, to_dict
 from lesiongen.errors import InputError, OutputExistsError, TrainingDivergedError
 from lesiongen.metrics.clinical import ClinicalSpec, clinical_metrics
 from lesiongen.utils.atomic import atomic_path
+from lesiongen.utils.inputs import file_hashes, record_inputs, refuse_changed_inputs
 from lesiongen.utils.outdir import OutputFolder
 
 CONFIG_FILE = "config.yaml"
@@ -155,6 +156,7 @@ class ClassifierTrainer:
         if acc.is_main_process:
             if self.output is not None:
                 self.output.start(replace=True)  # a fresh start: an earlier run's results go
+                record_inputs(self.out_dir, self.inputs)
             else:  # resumed: unfinished again until training completes
                 write_marker(self.out_dir, "classifier", complete=False)
                 remove_temporaries(self.out_dir)  # e.g. the evaluation folder a kill -9 stopped writing
@@ -170,6 +172,11 @@ class ClassifierTrainer:
         cfg, acc = self.config, self.accelerator
         cache = self.cache_dir or cache_root()
         manifest = load_manifest(cfg.manifest)
+        self.inputs = file_hashes({"--manifest": cfg.manifest, **{f"--synthetic {s}": s for s in cfg.synthetic}})
+        if self.checkpoint is not None:
+            refuse_changed_inputs(self.out_dir, self.inputs, action=f"--resume {self.checkpoint.name}",
+                                  fix="resuming would continue a model trained on other data; start a new --out, "
+                                      "or pass --overwrite to train again")
         self.val_rows = real_split(manifest, "val")
         real_split(manifest, "train")
         table = training_table(manifest, load_synthetic(cfg.synthetic, manifest), cfg)

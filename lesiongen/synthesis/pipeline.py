@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Settings that change how fast a run goes, not what it makes: a resumed run may change them.
 EXECUTION_KEYS = ("out", "batch_size", "compile", "cache_dir", "progress")
-INPUTS_FILE = "inputs.json"  # content hashes of the run's input files, checked on resume
 
 
 @dataclass
@@ -277,9 +276,10 @@ def input_hashes(config: SynthesisConfig, identity: tuple[str, str | None]) -> d
 def prepare_output(out: Path, resolved: dict, overwrite: bool, inputs: dict[str, str | None]) -> OutputFolder:
     """Start, resume (same config and input files) or refuse (another config or other input files, or a folder
     this command did not make)."""
-    from lesiongen.utils.atomic import remove_temporaries, write_json, write_text
+    from lesiongen.utils.atomic import remove_temporaries, write_text
+    from lesiongen.utils.inputs import INPUTS_FILE, changed_inputs, record_inputs
 
-    config_file, inputs_file = out / "config.yaml", out / INPUTS_FILE
+    config_file = out / "config.yaml"
     folder = OutputFolder(out, "mine-and-generate")
     if folder.existing and not overwrite:
         if not config_file.is_file():
@@ -294,9 +294,7 @@ def prepare_output(out: Path, resolved: dict, overwrite: bool, inputs: dict[str,
             if changed:
                 raise OutputExistsError(f"{out} holds a run with other settings ({', '.join(changed)} differ); "
                                         "pass --overwrite to replace it or choose another --out")
-            # runs made before inputs.json existed resume unchecked
-            before = json.loads(inputs_file.read_text(encoding="utf-8")) if inputs_file.is_file() else inputs
-            replaced = sorted(k for k in inputs if before.get(k) != inputs[k])
+            replaced = changed_inputs(out, inputs)
             if replaced:
                 raise OutputExistsError(
                     f"{out} holds a run made from other files under the same paths ({', '.join(replaced)}: "
@@ -305,7 +303,7 @@ def prepare_output(out: Path, resolved: dict, overwrite: bool, inputs: dict[str,
     folder.start(replace=overwrite)
     remove_temporaries(out)  # half-written records and images of a killed run: redone, never read
     write_text(config_file, yaml.safe_dump(resolved, sort_keys=False))
-    write_json(inputs_file, inputs)
+    record_inputs(out, inputs)
     return folder
 
 

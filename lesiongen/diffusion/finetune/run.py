@@ -11,6 +11,7 @@ from lesiongen.config import from_dict, load_yaml, save_config, to_dict
 from lesiongen.diffusion.finetune.config import RESUME_LOCKED, FinetuneConfig
 from lesiongen.errors import InputError, OutputExistsError
 from lesiongen.utils.atomic import write_json
+from lesiongen.utils.inputs import file_hashes, record_inputs, refuse_changed_inputs
 from lesiongen.utils.outdir import OutputFolder, mark_complete, resumed_config, write_marker
 
 CONFIG_FILE = "config.yaml"
@@ -70,6 +71,9 @@ def prepare_out_dir(config: FinetuneConfig, *, resume: str | None, overwrite: bo
             raise InputError(f"--resume {resume}: {out} was trained with other settings ({'; '.join(changed)}); "
                              f"a run keeps {', '.join(RESUME_LOCKED)}; steps, the learning rate and its schedule, "
                              "logging, checkpoint and validation settings may change on resume")
+        refuse_changed_inputs(out, input_hashes(config), action=f"--resume {resume}",
+                              fix="resuming would continue an adapter trained on other images (the base is "
+                                  "checked by its own hash); start a new --out, or pass --overwrite to train again")
         write_marker(out, "finetune", complete=False)  # unfinished (again) until the adapter is written
     elif (folder := OutputFolder(out, "finetune")).existing:
         if overwrite:
@@ -83,8 +87,16 @@ def prepare_out_dir(config: FinetuneConfig, *, resume: str | None, overwrite: bo
     if folder is not None:
         folder.start(replace=overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    if not (resume and saved.is_file()):  # a fresh run records what it trains on
+        record_inputs(out, input_hashes(config))
     save_config(config, saved)
     return folder
+
+
+def input_hashes(config: FinetuneConfig) -> dict[str, str | None]:
+    """The files behind the manifest and a prompt file given by path (a shipped name is part of the package)."""
+    prompts = config.prompts if Path(config.prompts).expanduser().is_file() else None
+    return file_hashes({"--manifest": config.manifest, "--prompts": prompts})
 
 
 def _resumable(out: Path) -> bool:
