@@ -19,6 +19,7 @@ from lesiongen.diffusion.pretrain.trainer import CACHE_DIR, CONFIG_FILE, Pretrai
 from lesiongen.errors import InputError, OutputExistsError
 from lesiongen.utils.atomic import readable_by_umask, write_json
 from lesiongen.utils.device import resolve_device
+from lesiongen.utils.inputs import file_hashes, record_inputs, refuse_changed_inputs
 from lesiongen.utils.outdir import OutputFolder, is_unfinished, resumed_config
 
 # Config fields a resumed run may change; anything else would make the checkpoint mean something else.
@@ -75,7 +76,7 @@ def pretrain_base(manifest: str | Path, out: str | Path, *, preset: str = "small
     out = Path(out)
     if config.eval_classifier:  # checked now, not after all the training
         _check_eval_classifier(config.eval_classifier)
-    checkpoint, folder = _prepare_out(out, config, resume, overwrite)
+    checkpoint, folder = _prepare_out(out, config, resume, overwrite, _input_hashes(manifest, config))
     # A run this call started that fails before its first checkpoint leaves no folder behind.
     with folder.removed_on_failure(lambda path: bool(ckpt.checkpoints_in(path))):
         trainer = Pretrainer(config, Path(manifest), out, log=log)
@@ -102,14 +103,23 @@ def _check_eval_classifier(folder: str) -> None:
         raise InputError(f"--eval-classifier: {folder} has no {MODEL_FILE}")
 
 
-def _prepare_out(out: Path, config: PretrainConfig, resume: str | None,
-                 overwrite: bool) -> tuple[Path | None, OutputFolder]:
+def _input_hashes(manifest: str | Path, config: PretrainConfig) -> dict[str, str | None]:
+    """The manifest's content and a prompt file given by path (it conditions the UNet)."""
+    prompts = config.prompts if Path(config.prompts).expanduser().is_file() else None
+    return file_hashes({"--manifest": manifest, "--prompts": prompts})
+
+
+def _prepare_out(out: Path, config: PretrainConfig, resume: str | None, overwrite: bool,
+                 inputs: dict[str, str | None]) -> tuple[Path | None, OutputFolder]:
     """The checkpoint to resume from (None: start fresh) and the folder, after checking it may be used."""
     checkpoint = ckpt.find_checkpoint(out, resume) if resume is not None else None
     if checkpoint is not None:
         saved = out / CONFIG_FILE
         if saved.is_file():
             check_resumable(saved, config, ckpt.TrainerState.read(checkpoint).planned_steps)
+        refuse_changed_inputs(out, inputs, action="--resume",
+                              fix="resuming would continue a base trained on other images; start a new --out, or "
+                                  "pass --overwrite to train again")
         folder = OutputFolder(out, "pretrain")
         folder.start()  # unfinished (again) until the run completes
         return checkpoint, folder
@@ -123,6 +133,7 @@ def _prepare_out(out: Path, config: PretrainConfig, resume: str | None,
             hint = "pass --overwrite to replace it"
         raise OutputExistsError(f"pretraining output folder {out} already exists; {hint}")
     folder.start(replace=overwrite)  # `--resume latest` without a checkpoint yet starts in the folder
+    record_inputs(out, inputs)
     return None, folder
 
 
