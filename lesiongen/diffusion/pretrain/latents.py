@@ -22,8 +22,12 @@ class LatentSet:
     label: torch.Tensor
 
     def scaling_factor(self) -> float:
-        """SD's convention, from data: 1 / std of sampled latents (spread of the means + posterior variance)."""
-        return float(1.0 / torch.sqrt(self.mean.var() + self.std.square().mean()))
+        """SD's convention, from data: 1 / std of sampled latents (spread of the means + posterior variance).
+
+        Summed in float64 and rounded to float32: a float32 reduction's last bits depend on the memory the
+        tensors sit in (freshly encoded or read back from the cache), and the UNet trains on this scale."""
+        variance = self.mean.double().var() + self.std.double().square().mean()
+        return float(torch.tensor(float(1.0 / torch.sqrt(variance)), dtype=torch.float32))
 
     def sample(self, index: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         return self.mean[index] + self.std[index] * eps
@@ -71,7 +75,7 @@ def cached_latents(vae, data: ClassImages, cache_dir: Path, *, augment: bool, de
     with atomic_path(path) as tmp:
         save_file({"mean": latents.mean.cpu().contiguous(), "std": latents.std.cpu().contiguous(),
                    "label": latents.label.cpu().contiguous()}, str(tmp))
-    return latents
+    return latents  # the same values a resumed run reads back from the file
 
 
 def tensor_digest(tensors: list[torch.Tensor], extra: str = "") -> str:
