@@ -76,6 +76,7 @@ def evaluate_synthetic(
     from lesiongen.metrics.quality import QualityConfig
     from lesiongen.metrics.quality import evaluate_synthetic as run_evaluation
     from lesiongen.utils.device import resolve_device
+    from lesiongen.utils.outdir import warn_if_unfinished_manifest
 
     threshold = _feature_threshold(feature_threshold)
     resolve_device(device)  # the flag's own message (the config's would not name --device)
@@ -90,7 +91,9 @@ def evaluate_synthetic(
     if classifier is not None and not classifier.is_dir():
         raise typer.BadParameter(f"'{classifier}' is not a folder", param_hint="--classifier")
     out = out or DEFAULT_OUT_ROOT / synthetic.stem
-    report = run_evaluation(load_manifest(real), load_manifest(synthetic), classifier, config=config,
+    real_manifest, synthetic_manifest = load_manifest(real), load_manifest(synthetic)
+    warn_if_unfinished_manifest(synthetic)
+    report = run_evaluation(real_manifest, synthetic_manifest, classifier, config=config,
                             out_dir=out, overwrite=overwrite)
     for line in summary_lines(report):
         typer.echo(line)

@@ -587,6 +587,18 @@ def test_evaluating_an_unfinished_training_run_says_so(trained, toy_manifest, tm
     assert f"WARNING: {killed} is an unfinished run" in result.output and "--resume latest" in result.output
 
 
+def test_training_on_the_manifest_of_an_unfinished_generate_run_says_so(env, toy_manifest, recipe, tmp_path):
+    from lesiongen.utils.outdir import write_marker
+
+    folder = tmp_path / "killed-generate"
+    synthetic = make_synthetic_manifest(toy_manifest, folder, split="train", per_class=1)
+    write_marker(folder, "generation", complete=False)  # killed after a few batches: manifest.csv holds those
+    result = cli("train-classifier", "--manifest", toy_manifest, "--synthetic", synthetic, "--config", recipe,
+                 "--epochs", "1", "--out", tmp_path / "model")
+    assert f"WARNING: {folder} is an unfinished run" in result.output
+    assert "the same `lesiongen generate` command again" in result.output
+
+
 def test_a_diverging_run_stops_with_the_epoch_and_keeps_what_came_before(env, toy_manifest, recipe, tmp_path):
     out = tmp_path / "clf"
     result = cli("train-classifier", "--manifest", toy_manifest, "--config", recipe, "--lr", "1e30", "--out", out,

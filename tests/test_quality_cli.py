@@ -256,3 +256,18 @@ def test_synthetic_images_made_from_test_images_carry_a_leakage_warning(toy_mani
     assert report["leakage_warnings"] == [
         "LEAKAGE: 5 synthetic images were made from TEST-split images; a classifier trained on them has no "
         "held-out test score, and the memorisation check compared them with the 'train' images only"]
+
+
+def test_a_synthetic_manifest_of_an_unfinished_run_is_flagged(toy_manifest, clean_toy, cache, tmp_path):
+    """`generate` rewrites its manifest after every batch: a killed run's manifest is valid but partial."""
+    from lesiongen.utils.outdir import write_marker
+
+    folder = tmp_path / "killed-generate"
+    folder.mkdir()
+    synthetic = write_synthetic_manifest(clean_toy, folder / "manifest.csv")
+    write_marker(folder, "generation", complete=False)
+    result = runner.invoke(app, ["evaluate-synthetic", "--real", str(toy_manifest), "--synthetic", str(synthetic),
+                                 "--out", str(tmp_path / "quality"), "--inception-feature", "none"])
+    assert result.exit_code == 0, result.output
+    assert f"WARNING: {folder} is an unfinished run" in result.output
+    assert "Finish it with: the same `lesiongen generate` command again" in result.output

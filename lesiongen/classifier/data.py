@@ -46,9 +46,12 @@ def real_split(manifest: Manifest, split: str) -> Manifest:
 def load_synthetic(paths: list[str], real: Manifest) -> list[Manifest]:
     """Load synthetic manifests and check that their labels are classes of the real manifest and that each
     has synthetic rows (a real manifest passed as --synthetic would otherwise add nothing, silently)."""
+    from lesiongen.utils.outdir import warn_if_unfinished_manifest
+
     manifests = []
     for path in paths:
         synthetic = load_manifest(path)
+        warn_if_unfinished_manifest(path)
         if not synthetic.is_synthetic.any():
             raise InputError(f"{path}: has no synthetic rows (column synthetic = 1); --synthetic expects a manifest "
                              "of generated images (e.g. from `lesiongen mine-and-generate`), not a real one")

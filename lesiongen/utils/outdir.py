@@ -175,6 +175,19 @@ def warn_if_unfinished(folder: str | os.PathLike, resume_hint: str) -> None:
               f"holds so far. Finish it with: {resume_hint}", file=sys.stderr)
 
 
+# How to finish a run whose manifest another command reads (both fill in only what is missing).
+MANIFEST_RESUME_HINTS = {"generation": "the same `lesiongen generate` command again",
+                         "mine-and-generate": "the same `lesiongen mine-and-generate` command again"}
+
+
+def warn_if_unfinished_manifest(manifest: str | os.PathLike) -> None:
+    """`warn_if_unfinished` for the folder a manifest was written into: `generate` rewrites its manifest.csv
+    after every batch, so a killed run leaves a valid-looking manifest of part of the images."""
+    folder = Path(manifest).parent
+    kind = (read_marker(folder) or {}).get("kind")
+    warn_if_unfinished(folder, MANIFEST_RESUME_HINTS.get(kind, "the command that wrote it, again"))
+
+
 # -- starting and failing --------------------------------------------------------------------------
 
 def _clear(folder: Path) -> None:
