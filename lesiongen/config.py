@@ -381,6 +381,24 @@ def _dataclass_in(annotation: Any) -> type | None:
     return dataclass_args[0] if len(dataclass_args) == 1 else None
 
 
+def flatten(data: Mapping, prefix: str = "") -> dict:
+    """Nested settings as dotted keys: {'lora': {'rank': 4}} -> {'lora.rank': 4}."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_settings(before: Mapping, after: Mapping) -> list[str]:
+    """'key.sub: old -> new' for every dotted setting that differs, for messages refusing a resume."""
+    old, new = flatten(before), flatten(after)
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key)]
+
+
 def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}

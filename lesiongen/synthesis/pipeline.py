@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 import yaml
 
-from lesiongen.config import to_dict, with_defaults
+from lesiongen.config import changed_settings, to_dict, with_defaults
 from lesiongen.errors import InputError, OutputExistsError
 from lesiongen.metrics.memorization import MemorizationIndex
 from lesiongen.synthesis.conditioning import PromptCache
@@ -289,10 +289,10 @@ def prepare_output(out: Path, resolved: dict, overwrite: bool, inputs: dict[str,
             # a setting newer than the run's config.yaml, at any depth, had its default then (runs of older
             # versions resume)
             previous = with_defaults(SynthesisConfig, yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
-            changed = sorted(k for k in set(previous) | set(resolved)
-                             if k not in EXECUTION_KEYS and previous.get(k) != resolved.get(k))
+            changed = changed_settings({k: v for k, v in previous.items() if k not in EXECUTION_KEYS},
+                                       {k: v for k, v in resolved.items() if k not in EXECUTION_KEYS})
             if changed:
-                raise OutputExistsError(f"{out} holds a run with other settings ({', '.join(changed)} differ); "
+                raise OutputExistsError(f"{out} holds a run with other settings ({'; '.join(changed)}); "
                                         "pass --overwrite to replace it or choose another --out")
             replaced = changed_inputs(out, inputs)
             if replaced:

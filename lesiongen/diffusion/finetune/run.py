@@ -7,7 +7,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-from lesiongen.config import from_dict, load_yaml, save_config, to_dict
+from lesiongen.config import changed_settings, from_dict, load_yaml, save_config, to_dict
 from lesiongen.diffusion.finetune.config import RESUME_LOCKED, FinetuneConfig
 from lesiongen.errors import InputError, OutputExistsError
 from lesiongen.utils.atomic import write_json
@@ -66,7 +66,7 @@ def prepare_out_dir(config: FinetuneConfig, *, resume: str | None, overwrite: bo
     folder = None
     if resume and saved.is_file():
         before, now = to_dict(from_dict(FinetuneConfig, load_yaml(saved), where=str(saved))), to_dict(config)
-        changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in RESUME_LOCKED if before[k] != now[k]]
+        changed = changed_settings({k: before[k] for k in RESUME_LOCKED}, {k: now[k] for k in RESUME_LOCKED})
         if changed:
             raise InputError(f"--resume {resume}: {out} was trained with other settings ({'; '.join(changed)}); "
                              f"a run keeps {', '.join(RESUME_LOCKED)}; steps, the learning rate and its schedule, "

@@ -142,10 +142,10 @@ def check_resumable(saved_config: Path, config: PretrainConfig, planned: dict[st
     effect: a stage whose step count was fitted to the time budget keeps that plan (its schedule was built
     for it), so its `steps` are fixed from then on, the VAE's share once the VAE is planned, and the budget
     once both stages are (a new budget still plans a stage that is not planned yet)."""
-    from lesiongen.config import from_dict, load_yaml, to_dict
+    from lesiongen.config import flatten, from_dict, load_yaml, to_dict
 
-    before = _flatten(to_dict(from_dict(PretrainConfig, load_yaml(saved_config), where=str(saved_config))))
-    after = _flatten(to_dict(config))
+    before = flatten(to_dict(from_dict(PretrainConfig, load_yaml(saved_config), where=str(saved_config))))
+    after = flatten(to_dict(config))
     changed = {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v and k not in RESUMABLE_CHANGES}
     if changed:
         details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
@@ -164,16 +164,6 @@ def check_resumable(saved_config: Path, config: PretrainConfig, planned: dict[st
                          "changing them, or start a new --out with the new budget")
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def resolve_config(config_file: str | Path | None, overrides: dict, out: Path, resume: str | None,
                    flag_names: dict[str, str] | None = None,
                    log: Callable[[str], None] = print) -> PretrainConfig:
@@ -183,7 +173,7 @@ def resolve_config(config_file: str | Path | None, overrides: dict, out: Path, r
     A resume may change step counts and progress settings, and a `--config` given again applies all of its
     values: a first job's `--unet-steps 6` is replaced by the YAML's 2500 unless the flag is repeated. Every
     value that changes on a resume is therefore said, with where it came from."""
-    from lesiongen.config import from_dict, load_yaml, merge, to_dict
+    from lesiongen.config import flatten, from_dict, load_yaml, merge, to_dict
 
     overrides = _drop_none(overrides)
     saved = resumed_config(out, "pretrain", CONFIG_FILE) if resume is not None else None
@@ -196,9 +186,9 @@ def resolve_config(config_file: str | Path | None, overrides: dict, out: Path, r
         where = str(config_file or "base pretrain")
     config = from_dict(PretrainConfig, merge(base, overrides), where=where, flags=overrides, flag_names=flag_names)
     if saved is not None:
-        before = _flatten(to_dict(from_dict(PretrainConfig, load_yaml(saved), where=str(saved))))
-        flagged = set(_flatten(overrides))
-        for key, value in sorted(_flatten(to_dict(config)).items()):
+        before = flatten(to_dict(from_dict(PretrainConfig, load_yaml(saved), where=str(saved))))
+        flagged = set(flatten(overrides))
+        for key, value in sorted(flatten(to_dict(config)).items()):
             if before.get(key) != value:
                 source = ("a flag" if key in flagged
                           else f"--config {config_file}; repeat the first job's flag to keep it")
