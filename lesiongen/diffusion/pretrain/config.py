@@ -113,7 +113,7 @@ class PretrainConfig:
     eval_classifier: str | None = None  # classifier folder: class fidelity + domain distance of the samples
     checkpoint_every: int = 1000  # steps (of either stage) between checkpoints
     checkpoints_total_limit: int | None = 2
-    checkpoint_dtype: str = "float16"
+    checkpoint_dtype: str = "float16"  # float32: a resume continues bit-exactly (float16 rounds the weights)
     save_dtype: str = "float32"  # dtype of the finished base's weights (float16 halves the folder)
     max_shard_mib: int = 16
     max_shards: int | None = 8
