@@ -200,3 +200,28 @@ def test_a_wrong_out_is_refused_before_the_pipeline_loads(finetuned_adapter_dir,
     (not_ours / "todo.txt").write_text("mine\n")
     foreign = generate("--adapter", finetuned_adapter_dir, "--class", "mel", "--out", not_ours)
     assert foreign.exit_code == 2 and "is not a generation output folder" in foreign.output
+
+
+def test_each_process_renders_its_own_shard_whatever_the_others_wrote_first(tmp_path):
+    """Process 1 of 2 looks after process 0 has written its first image: it must still draw exactly its own
+    images (listing the missing ones first and sharding that list would shift the shards, leaving some images
+    to nobody)."""
+    from types import SimpleNamespace
+
+    from lesiongen.diffusion.generate import ImageRequest, _render, save_png
+
+    requests = [ImageRequest("mel", "p", seed, f"images/mel/mel-{seed:05d}.png") for seed in range(6)]
+
+    class Recording:  # a renderer that notes what it was asked to draw
+        settings, negative_prompt, drawn = SimpleNamespace(batch_size=2), "", []
+
+        def __call__(self, batch):
+            self.drawn.extend(r.image for r in batch)
+            return [torch.zeros(3, 8, 8, dtype=torch.uint8) for _ in batch]
+
+    stub = Recording()
+    (tmp_path / "images" / "mel").mkdir(parents=True)
+    save_png(torch.zeros(3, 8, 8, dtype=torch.uint8), tmp_path / requests[0].image)  # process 0's first image
+    rank1 = SimpleNamespace(process_index=1, num_processes=2, wait_for_everyone=lambda: None)
+    _render(stub, requests, tmp_path, record=None, main=False, progress=False, processes=rank1, folder=None)
+    assert stub.drawn == [r.image for r in requests[1::2]]

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from lesiongen.data.prompts import PromptSet
-from lesiongen.errors import InputError, OutputExistsError
+from lesiongen.errors import InputError, LesiongenError, OutputExistsError
 from lesiongen.utils.outdir import OutputFolder
 
 SCHEDULERS = ("ddim", "dpmpp", "euler")
@@ -307,9 +307,10 @@ def _render(renderer: Renderer, requests: list[ImageRequest], out_dir: Path, rec
             main: bool, progress: bool, processes, folder: OutputFolder | None) -> Path:
     from lesiongen.data.manifest import Manifest, write_manifest
 
-    todo = [r for r in requests if not (out_dir / r.image).is_file()]
-    if processes is not None:
-        todo = todo[processes.process_index::processes.num_processes]
+    # Shard the whole request list first, then drop what exists: every image belongs to exactly one process
+    # whatever the others have written by the time each looks (listing first would shift the shards).
+    mine = requests[processes.process_index::processes.num_processes] if processes is not None else requests
+    todo = [r for r in mine if not (out_dir / r.image).is_file()]
     size = renderer.settings.batch_size
     batches = [todo[i:i + size] for i in range(0, len(todo), size)]
 
@@ -329,6 +330,10 @@ def _render(renderer: Renderer, requests: list[ImageRequest], out_dir: Path, rec
         processes.wait_for_everyone()
     if main:
         write_manifest_now()
+        missing = [r.image for r in requests if not (out_dir / r.image).is_file()]
+        if missing:  # never mark a folder complete that lacks images of its request
+            raise LesiongenError(f"{out_dir}: {len(missing)} of {len(requests)} images were not written (e.g. "
+                                 f"{missing[0]}); rerun the same command to fill them in")
         folder.finish()
     return out_dir / MANIFEST_FILE
 
