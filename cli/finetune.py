@@ -90,7 +90,7 @@ def finetune(
     _choice(mixed_precision, PRECISIONS, "--mixed-precision")
     if resume is not None and resume != "latest" and not resume.startswith("checkpoint-") and not Path(resume).exists():
         raise typer.BadParameter(f"'{resume}' is neither 'latest' nor a checkpoint-N folder", param_hint="--resume")
-    from lesiongen.cli.options import refuse_unused
+    from lesiongen.cli.options import echo_main, refuse_unused
     from lesiongen.config import config_path
     from lesiongen.diffusion.finetune import resolve_config, run_finetune
 
@@ -119,7 +119,7 @@ def finetune(
                       f"--method {settings.method} learns no class tokens; use --method lora+ti, ti or full, or "
                       "leave them out")
     folder = run_finetune(settings, resume=resume, overwrite=overwrite)
-    typer.echo(f"wrote adapter {folder} ({settings.method}, {settings.steps} steps)")
+    echo_main(f"wrote adapter {folder} ({settings.method}, {settings.steps} steps)")
 
 
 def generate(
@@ -150,6 +150,7 @@ def generate(
     _choice(scheduler, SCHEDULERS, "--scheduler")
     if prompt is None and not classes:
         raise typer.BadParameter("give --class (repeatable, or 'all') or --prompt", param_hint="--class")
+    from lesiongen.cli.options import echo_main
     from lesiongen.diffusion.generate import run_generate
 
     manifest = run_generate(base=base, adapter=adapter, classes=classes, n=n, prompt=prompt,
@@ -157,7 +158,7 @@ def generate(
                             scheduler=scheduler, negative_prompt=negative_prompt, batch_size=batch_size, seed=seed,
                             resolution=resolution, prompts=prompts, compile=compile, fuse=fuse,
                             allow_pickle=allow_pickle, overwrite=overwrite)
-    typer.echo(f"wrote {manifest}")
+    echo_main(f"wrote {manifest}")
 
 
 def export(

@@ -74,6 +74,7 @@ def _removed_on_failure(started: tuple[Path, bool] | None):
 
 def _create_run(config: str, out: Path | None, seeds: int | None, rounds: int | None, sets: list[str],
                 overwrite: bool) -> tuple[Path, tuple[Path, bool]]:
+    from lesiongen.cli.options import echo_main
     from lesiongen.config import config_path
     from lesiongen.loop.config import absolute_paths, check_input_paths, load_loop_config, parse_set_options
     from lesiongen.loop.run import create_run
@@ -89,7 +90,7 @@ def _create_run(config: str, out: Path | None, seeds: int | None, rounds: int | 
     run_dir = out or DEFAULT_RUNS / path.stem
     was_empty = run_dir.is_dir() and not any(run_dir.iterdir())
     create_run(resolved, run_dir, overwrite=overwrite)
-    typer.echo(f"run folder: {run_dir} (resume with: lesiongen loop --resume {run_dir})")
+    echo_main(f"run folder: {run_dir} (resume with: lesiongen loop --resume {run_dir})")
     return run_dir, (run_dir, was_empty)
 
 

@@ -239,7 +239,7 @@ def mine_and_generate(
 ) -> None:
     """Mine hard cases, invert them with DDIM, make labelled variants and filter them (resumable; shards
     over `accelerate launch -m lesiongen mine-and-generate ...` processes)."""
-    from lesiongen.cli.options import refuse_unused
+    from lesiongen.cli.options import echo_main, refuse_unused
     from lesiongen.config import from_dict, load_yaml, merge
     from lesiongen.synthesis.pipeline import SynthesisConfig, run_mine_and_generate
 
@@ -272,10 +272,10 @@ def mine_and_generate(
                       f"only --method embedding uses them (this run's method is {run_config.variants.method})")
     summary = run_mine_and_generate(run_config, overwrite=overwrite)
     if summary.get("leakage_warning"):
-        typer.echo(f"WARNING: {summary['leakage_warning']}", err=True)
+        echo_main(f"WARNING: {summary['leakage_warning']}", err=True)
     psnr = summary.get("recon_psnr_mean")
-    typer.echo(f"{summary['sources']} hard cases inverted (mean round-trip PSNR "
+    echo_main(f"{summary['sources']} hard cases inverted (mean round-trip PSNR "
                f"{'n/a' if psnr is None else f'{psnr:.1f} dB'}, {summary['failed_reconstructions']} failed); "
                f"{summary['kept']} of {summary['variants']} variants kept -> {Path(run_config.out) / 'manifest.csv'}")
     if summary["variants"] and not summary["kept"]:
-        typer.echo("WARNING: every variant was filtered out; see candidates.csv for the reasons", err=True)
+        echo_main("WARNING: every variant was filtered out; see candidates.csv for the reasons", err=True)
