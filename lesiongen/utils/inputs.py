@@ -23,6 +23,12 @@ def file_hashes(files: dict[str, str | os.PathLike | None]) -> dict[str, str | N
     return {name: sha256_file(path) if path else None for name, path in files.items()}
 
 
+def training_data_hashes(manifest: str | os.PathLike, prompts: str) -> dict[str, str | None]:
+    """What a diffusion trainer learns from: the manifest, and the prompt file when given by path (a shipped
+    prompt-set name is part of the package)."""
+    return file_hashes({"--manifest": manifest, "--prompts": prompts if Path(prompts).expanduser().is_file() else None})
+
+
 def record_inputs(folder: str | os.PathLike, hashes: dict[str, str | None]) -> None:
     write_json(Path(folder) / INPUTS_FILE, hashes)
 

@@ -11,7 +11,7 @@ from lesiongen.config import changed_settings, from_dict, load_yaml, save_config
 from lesiongen.diffusion.finetune.config import RESUME_LOCKED, FinetuneConfig
 from lesiongen.errors import InputError, OutputExistsError
 from lesiongen.utils.atomic import write_json
-from lesiongen.utils.inputs import file_hashes, record_inputs, refuse_changed_inputs
+from lesiongen.utils.inputs import record_inputs, refuse_changed_inputs, training_data_hashes
 from lesiongen.utils.outdir import OutputFolder, mark_complete, resumed_config, write_marker
 
 CONFIG_FILE = "config.yaml"
@@ -71,7 +71,7 @@ def prepare_out_dir(config: FinetuneConfig, *, resume: str | None, overwrite: bo
             raise InputError(f"--resume {resume}: {out} was trained with other settings ({'; '.join(changed)}); "
                              f"a run keeps {', '.join(RESUME_LOCKED)}; steps, the learning rate and its schedule, "
                              "logging, checkpoint and validation settings may change on resume")
-        refuse_changed_inputs(out, input_hashes(config), action=f"--resume {resume}",
+        refuse_changed_inputs(out, training_data_hashes(config.manifest, config.prompts), action=f"--resume {resume}",
                               fix="resuming would continue an adapter trained on other images (the base is "
                                   "checked by its own hash); start a new --out, or pass --overwrite to train again")
         write_marker(out, "finetune", complete=False)  # unfinished (again) until the adapter is written
@@ -88,15 +88,9 @@ def prepare_out_dir(config: FinetuneConfig, *, resume: str | None, overwrite: bo
         folder.start(replace=overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if not (resume and saved.is_file()):  # a fresh run records what it trains on
-        record_inputs(out, input_hashes(config))
+        record_inputs(out, training_data_hashes(config.manifest, config.prompts))
     save_config(config, saved)
     return folder
-
-
-def input_hashes(config: FinetuneConfig) -> dict[str, str | None]:
-    """The files behind the manifest and a prompt file given by path (a shipped name is part of the package)."""
-    prompts = config.prompts if Path(config.prompts).expanduser().is_file() else None
-    return file_hashes({"--manifest": config.manifest, "--prompts": prompts})
 
 
 def _resumable(out: Path) -> bool:

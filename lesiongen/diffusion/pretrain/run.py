@@ -19,7 +19,7 @@ from lesiongen.diffusion.pretrain.trainer import CACHE_DIR, CONFIG_FILE, Pretrai
 from lesiongen.errors import InputError, OutputExistsError
 from lesiongen.utils.atomic import readable_by_umask, write_json
 from lesiongen.utils.device import resolve_device
-from lesiongen.utils.inputs import file_hashes, record_inputs, refuse_changed_inputs
+from lesiongen.utils.inputs import record_inputs, refuse_changed_inputs, training_data_hashes
 from lesiongen.utils.outdir import OutputFolder, is_unfinished, resumed_config
 
 # Config fields a resumed run may change; anything else would make the checkpoint mean something else.
@@ -76,7 +76,7 @@ def pretrain_base(manifest: str | Path, out: str | Path, *, preset: str = "small
     out = Path(out)
     if config.eval_classifier:  # checked now, not after all the training
         _check_eval_classifier(config.eval_classifier)
-    checkpoint, folder = _prepare_out(out, config, resume, overwrite, _input_hashes(manifest, config))
+    checkpoint, folder = _prepare_out(out, config, resume, overwrite, training_data_hashes(manifest, config.prompts))
     # A run this call started that fails before its first checkpoint leaves no folder behind.
     with folder.removed_on_failure(lambda path: bool(ckpt.checkpoints_in(path))):
         trainer = Pretrainer(config, Path(manifest), out, log=log)
@@ -101,12 +101,6 @@ def _check_eval_classifier(folder: str) -> None:
         raise InputError(f"--eval-classifier: {err}") from err
     if not (Path(folder) / MODEL_FILE).is_file():
         raise InputError(f"--eval-classifier: {folder} has no {MODEL_FILE}")
-
-
-def _input_hashes(manifest: str | Path, config: PretrainConfig) -> dict[str, str | None]:
-    """The manifest's content and a prompt file given by path (it conditions the UNet)."""
-    prompts = config.prompts if Path(config.prompts).expanduser().is_file() else None
-    return file_hashes({"--manifest": manifest, "--prompts": prompts})
 
 
 def _prepare_out(out: Path, config: PretrainConfig, resume: str | None, overwrite: bool,
