@@ -19,19 +19,30 @@ class _Group(TyperGroup):
     """Shows a LesiongenError as one plain `Error: <message>` line on stderr, exit status 2, no
     traceback. Plain text rather than a rich panel, so a long file path in the message is never cropped.
     So is an operating-system error about a path (an --out below a file, a full disk, no permission): the
-    path and the system's reason say what to fix; a traceback would not."""
+    path and the system's reason say what to fix; a traceback would not.
+
+    Under `accelerate launch` an error that every process raised together (`utils.distributed.together`)
+    is printed by the main process only, so it is read once; one that a single process met is printed by it.
+    """
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except LesiongenError as err:
-            typer.echo(f"Error: {err}", err=True)
+            _echo_error(str(err), err)
             raise typer.Exit(code=2) from err
         except OSError as err:
             if err.filename is None:
                 raise
-            typer.echo(f"Error: {_path_error(err)}", err=True)
+            _echo_error(_path_error(err), err)
             raise typer.Exit(code=2) from err
+
+
+def _echo_error(message: str, err: BaseException) -> None:
+    from lesiongen.utils.distributed import is_shared, launched_main
+
+    if launched_main() or not is_shared(err):
+        typer.echo(f"Error: {message}", err=True)
 
 
 def _path_error(err: OSError) -> str:

@@ -159,14 +159,17 @@ def _evaluate_to(model: Path, manifest: Path, split: str, out: Path, settings, b
     from accelerate import Accelerator
 
     from lesiongen.classifier.evaluate import evaluate_model, write_evaluation
+    from lesiongen.utils.distributed import together
     from lesiongen.utils.outdir import check_replaceable
 
     check_replaceable(out, "evaluation", overwrite, what="evaluation folder")  # fail before the expensive part
     accelerator = Accelerator()
     evaluation = evaluate_model(model, manifest, split, accelerator=accelerator, batch_size=batch_size,
                                 cache_dir=cache_dir, tta=tta)
-    report = write_evaluation(evaluation, out, settings, overwrite=overwrite) if accelerator.is_main_process else None
-    accelerator.wait_for_everyone()
+    report = None
+    with together(accelerator):  # a failure to write --out stops every process
+        if accelerator.is_main_process:
+            report = write_evaluation(evaluation, out, settings, overwrite=overwrite)
     return report
 
 

@@ -15,3 +15,7 @@ class OutputExistsError(LesiongenError):
 
 class TrainingDivergedError(LesiongenError):
     """The loss (or the weights) became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class ProcessFailedError(LesiongenError):
+    """Under `accelerate launch`: another process stopped with an unexpected error; its traceback says why."""

@@ -32,10 +32,12 @@ from typing import Any, Protocol
 
 from lesiongen.errors import InputError, LesiongenError
 from lesiongen.utils.atomic import replace_dir, write_json, write_text
+from lesiongen.utils.distributed import peer_failure, report_failure, together
 
 CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.json"
 STAGE_RECORD = "stage.json"
+STAGE_FAILED = "failed.json"  # in a main-only stage's partial folder: why the others stop waiting
 LOCK_FILE = ".lock"
 STATE_VERSION = 1
 
@@ -213,10 +215,17 @@ class RunDir:
 POLL_SECONDS = 2.0
 
 
-def wait_for_file(path: Path) -> None:
-    """Block until `path` exists. If the process that makes it dies, `accelerate launch` (torchrun)
-    stops this one too."""
+def wait_for_file(path: Path, failed: Path | None = None) -> None:
+    """Block until `path` exists; raise the main process's error if `failed` (its `report_failure`) appears
+    first. If the process that makes it dies, `accelerate launch` (torchrun) stops this one too."""
     while not path.exists():
+        if failed is not None and failed.is_file():
+            try:
+                report = json.loads(failed.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):  # being written: read it at the next look
+                report = None
+            if report is not None:
+                raise peer_failure(0, report)
         time.sleep(POLL_SECONDS)
 
 
@@ -234,43 +243,57 @@ class StageRunner:
     def execute(self, stage: Stage) -> StageResult:
         final = self.run.stage_dir(stage.name)
         main = self.processes.is_main_process
-        if main:
-            self._adopt_if_complete(stage.name)
-        self.processes.wait_for_everyone()
+        with together(self.processes):
+            if main:
+                self._adopt_if_complete(stage.name)
         finished = self.run.finished()
         if stage.name in finished:
             self._emit("skip", stage, finished[stage.name])
             return StageResult(stage.name, final, finished[stage.name].get("summary", {}), True, 0.0)
 
         partial = self.run.partial_dir(stage.name)
-        if main:
-            if partial.exists() and not stage.resumable:
-                shutil.rmtree(partial)
-            partial.mkdir(parents=True, exist_ok=True)
-        self._emit("start", stage, {})
-        self.processes.wait_for_everyone()
+        with together(self.processes):
+            if main:
+                if partial.exists() and not stage.resumable:
+                    shutil.rmtree(partial)
+                partial.mkdir(parents=True, exist_ok=True)
+                (partial / STAGE_FAILED).unlink(missing_ok=True)  # a killed attempt's
+            self._emit("start", stage, {})
         start = time.perf_counter()
         summary: dict[str, Any] = {}
         if stage.distributed or main:
             try:
                 summary = stage.build(partial) or {}
             except LesiongenError as err:  # an hours-long run says which of its stages stopped
-                raise type(err)(f"stage {stage.name}: {err}") from err
+                raise self._failed(stage, partial, type(err)(f"stage {stage.name}: {err}")) from err
+            except Exception as err:
+                self._failed(stage, partial, err)
+                raise
         if stage.distributed:
             self.processes.wait_for_everyone()  # every process's share is in `partial`
         elif not main:
             # A main-only stage (a base pretrained for hours) outlasts the process group's collective
-            # timeout (10 min under NCCL): the others wait for its finished folder, not at a barrier.
-            wait_for_file(final / STAGE_RECORD)
+            # timeout (10 min under NCCL): the others wait for its finished folder, not at a barrier,
+            # and stop with the main process's error if it fails.
+            wait_for_file(final / STAGE_RECORD, partial / STAGE_FAILED)
         seconds = time.perf_counter() - start
         record = {"title": stage.title, "finished_at": _now(), "seconds": round(seconds, 3), "summary": summary}
-        if main:
-            write_json(partial / STAGE_RECORD, {"name": stage.name, **record})
-            replace_dir(partial, final)
-            self.run.record(stage.name, record)
-        self.processes.wait_for_everyone()
+        with together(self.processes):
+            if main:
+                write_json(partial / STAGE_RECORD, {"name": stage.name, **record})
+                replace_dir(partial, final)
+                self.run.record(stage.name, record)
         self._emit("done", stage, record)
         return StageResult(stage.name, final, summary, False, seconds)
+
+    def _failed(self, stage: Stage, partial: Path, err: Exception) -> Exception:
+        """`err`, after telling the processes waiting for a main-only stage why it will not finish."""
+        if not stage.distributed and getattr(self.processes, "num_processes", 1) > 1:
+            try:
+                write_json(partial / STAGE_FAILED, report_failure(err))
+            except OSError:
+                pass  # they are stopped with this process anyway
+        return err
 
     def _adopt_if_complete(self, name: str) -> None:
         """A folder renamed into place but killed before `state.json` was updated is finished work."""

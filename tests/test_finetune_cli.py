@@ -206,6 +206,23 @@ def test_two_processes_stop_together_at_a_divergence(tiny_pipeline_dir, toy_mani
     assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-3.diverged").is_dir()
 
 
+def test_two_processes_stop_together_when_the_main_process_refuses_out(tiny_pipeline_dir, toy_manifest, tmp_path):
+    """Only the main process prepares --out. Its refusal reaches the other process, which stops with it (not
+    with a gloo "Connection closed by peer" traceback at the barrier after), and the message comes once."""
+    import re
+
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    run = launch("finetune", "--base", tiny_pipeline_dir, "--manifest", toy_manifest, "--out", out, "--method", "lora",
+                 "--steps", "2", "--batch-size", "2", "--validate-every", "0", timeout=120)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert len(re.findall(r"^Error: .*is not a finetune output folder", output, re.M)) == 1, failure(run)
+    assert not re.search(r"\[rank\d\]: Traceback|Connection closed by peer", output), failure(run)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 def test_bad_flag_values_are_rejected_before_any_work(tmp_path):
     result = finetune("--base", "b", "--manifest", tmp_path / "m.csv", "--method", "dreambooth")
     assert result.exit_code == 2 and "dreambooth" in result.output

@@ -86,6 +86,21 @@ def test_two_processes_render_the_same_images_as_one(df_images, finetuned_adapte
     assert other_seed.mean() > 10  # the tolerance is far below what another seed changes
 
 
+def test_two_processes_stop_together_when_the_main_process_refuses_out(df_images, finetuned_adapter_dir):
+    """Only the main process compares --out's settings with the request (after the pipeline loads); the
+    other process stops with the same error, not at the next barrier, and the message comes once."""
+    import re
+
+    before = sorted(p.name for p in df_images.rglob("*.png"))
+    run = launch("generate", "--adapter", finetuned_adapter_dir, "--class", "df", "--n", "4", "--out", df_images,
+                 "--steps", "3", timeout=120)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert len(re.findall(r"^Error: .*steps: 2 -> 3", output, re.M)) == 1, failure(run)
+    assert not re.search(r"\[rank\d\]: Traceback|Connection closed by peer", output), failure(run)
+    assert sorted(p.name for p in df_images.rglob("*.png")) == before
+
+
 def test_free_prompt_is_labelled_by_its_class_token(finetuned_adapter_dir, tmp_path):
     out = tmp_path / "free"
     result = generate("--adapter", finetuned_adapter_dir, "--prompt", "dermoscopy of <derm-vasc> on the back",

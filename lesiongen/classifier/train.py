@@ -62,6 +62,7 @@ from lesiongen.config import save_config, to_dict
 from lesiongen.errors import InputError, OutputExistsError, TrainingDivergedError
 from lesiongen.metrics.clinical import ClinicalSpec, clinical_metrics
 from lesiongen.utils.atomic import atomic_path
+from lesiongen.utils.distributed import together
 from lesiongen.utils.inputs import file_hashes, record_inputs, refuse_changed_inputs
 from lesiongen.utils.outdir import OutputFolder
 
@@ -153,16 +154,16 @@ class ClassifierTrainer:
         from lesiongen.utils.outdir import write_marker
 
         acc = self.accelerator
-        if acc.is_main_process:
-            if self.output is not None:
-                self.output.start(replace=True)  # a fresh start: an earlier run's results go
-                record_inputs(self.out_dir, self.inputs)
-            else:  # resumed: unfinished again until training completes
-                write_marker(self.out_dir, "classifier", complete=False)
-                remove_temporaries(self.out_dir)  # e.g. the evaluation folder a kill -9 stopped writing
-            if self.checkpoint is None or not (self.out_dir / CONFIG_FILE).is_file():
-                save_config(self.config, self.out_dir / CONFIG_FILE)
-        acc.wait_for_everyone()
+        with together(acc):  # a refused or unwritable --out stops every process
+            if acc.is_main_process:
+                if self.output is not None:
+                    self.output.start(replace=True)  # a fresh start: an earlier run's results go
+                    record_inputs(self.out_dir, self.inputs)
+                else:  # resumed: unfinished again until training completes
+                    write_marker(self.out_dir, "classifier", complete=False)
+                    remove_temporaries(self.out_dir)  # e.g. the evaluation folder a kill -9 stopped writing
+                if self.checkpoint is None or not (self.out_dir / CONFIG_FILE).is_file():
+                    save_config(self.config, self.out_dir / CONFIG_FILE)
 
     def setup(self) -> None:
         """Validate the inputs, create the model, decode the data, and prepare everything with accelerate."""
@@ -430,12 +431,10 @@ class ClassifierTrainer:
             state.best_score, state.best_epoch, state.epochs_without_improvement = score, state.epoch, 0
             state.best_loss = metrics["loss"]
             self.best_val_probs = probs
-            if acc.is_main_process:
-                info = replace(self.info, training={**self.info.training, "best_epoch": state.epoch + 1,
-                                                    "val_balanced_accuracy": score,
-                                                    "val_unseen_balanced_accuracy": metrics.get(
-                                                        "unseen_balanced_accuracy")})
-                save_classifier(acc.unwrap_model(self.model, keep_torch_compile=False), info, self.out_dir)
+            best_info = replace(self.info, training={**self.info.training, "best_epoch": state.epoch + 1,
+                                                     "val_balanced_accuracy": score,
+                                                     "val_unseen_balanced_accuracy": metrics.get(
+                                                         "unseen_balanced_accuracy")})
         else:
             state.epochs_without_improvement += 1
         row = {"epoch": state.epoch + 1, "step": state.global_step, "lr": self.scheduler.get_last_lr()[0],
@@ -448,9 +447,12 @@ class ClassifierTrainer:
                   f"val balanced accuracy {score:.4f}"
                   f"{' on the selection reserve' if self.selection.summary['rule'] == 'reserved' else ''}"
                   f"{' (best)' if improved else ''}" + (f" ({', '.join(others)})" if others else ""))
-        if acc.is_main_process:
-            with atomic_path(self.out_dir / HISTORY_FILE) as tmp:
-                pd.DataFrame(state.history).to_csv(tmp, index=False)
+        with together(acc):  # the best model and the history are written: a full disk stops every process
+            if acc.is_main_process:
+                if improved:
+                    save_classifier(acc.unwrap_model(self.model, keep_torch_compile=False), best_info, self.out_dir)
+                with atomic_path(self.out_dir / HISTORY_FILE) as tmp:
+                    pd.DataFrame(state.history).to_csv(tmp, index=False)
         state.epoch += 1
         state.batches_done, state.epoch_loss_sum = 0, 0.0
         patience = cfg.early_stopping_patience
@@ -472,13 +474,14 @@ class ClassifierTrainer:
             model = acc.unwrap_model(self.model, keep_torch_compile=False)  # the saved keys have no _orig_mod.
             model.load_state_dict(load_file(str(self.out_dir / MODEL_FILE)))  # copied onto the device
             probs = predict_distributed(acc, model, self.info, self.val_data.images, loader=self.val_loader)
-        if acc.is_main_process:
-            meta = evaluation_meta(self.config.manifest, "val", self.info.classes, str(self.out_dir))
-            evaluation = Evaluation(self.val_rows.df, probs, self.val_data.labels.cpu(), self.info.classes, meta,
-                                    selection_mask=self.selection.mask, selection_rule=self.selection.summary["rule"])
-            # Validation selects the model; intervals belong to `lesiongen evaluate` on the test split.
-            write_evaluation(evaluation, self.out_dir / EVAL_DIR, BootstrapSettings(n_resamples=0), overwrite=True)
-        acc.wait_for_everyone()
+        with together(acc):
+            if acc.is_main_process:
+                meta = evaluation_meta(self.config.manifest, "val", self.info.classes, str(self.out_dir))
+                evaluation = Evaluation(self.val_rows.df, probs, self.val_data.labels.cpu(), self.info.classes, meta,
+                                        selection_mask=self.selection.mask,
+                                        selection_rule=self.selection.summary["rule"])
+                # Validation selects the model; intervals belong to `lesiongen evaluate` on the test split.
+                write_evaluation(evaluation, self.out_dir / EVAL_DIR, BootstrapSettings(n_resamples=0), overwrite=True)
 
 
 def improves(score: float, loss: float, state: TrainerState) -> bool:

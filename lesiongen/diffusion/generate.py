@@ -26,6 +26,7 @@ import torch
 
 from lesiongen.data.prompts import PromptSet
 from lesiongen.errors import InputError, LesiongenError, OutputExistsError
+from lesiongen.utils.distributed import together
 from lesiongen.utils.outdir import OutputFolder
 
 SCHEDULERS = ("ddim", "dpmpp", "euler")
@@ -289,13 +290,12 @@ def generate_to_folder(renderer: Renderer, requests: list[ImageRequest], out_dir
     main = processes is None or processes.is_main_process
     record.requests = len(requests)
     folder = None
-    if main:
-        folder = check_resumable(out_dir, record, overwrite)
-        folder.start(replace=overwrite)  # --overwrite: the folder's earlier images and manifest go
-        remove_temporaries(out_dir)  # images a killed run was writing: made again below
-        write_json(out_dir / GENERATION_FILE, asdict(record))
-    if processes is not None:
-        processes.wait_for_everyone()
+    with together(processes):  # a refused --out (other settings, say) stops every process
+        if main:
+            folder = check_resumable(out_dir, record, overwrite)
+            folder.start(replace=overwrite)  # --overwrite: the folder's earlier images and manifest go
+            remove_temporaries(out_dir)  # images a killed run was writing: made again below
+            write_json(out_dir / GENERATION_FILE, asdict(record))
     # A folder this call started that fails before its first image is removed again.
     with (folder.removed_on_failure(lambda path: any(not is_temporary(p) for p in (path / "images").rglob("*.png")))
           if folder is not None else contextlib.nullcontext()):
@@ -321,20 +321,20 @@ def _render(renderer: Renderer, requests: list[ImageRequest], out_dir: Path, rec
 
     from tqdm.auto import tqdm
 
-    for batch in tqdm(batches, desc="generate", unit="batch", disable=not (progress and main)):
-        for request, image in zip(batch, renderer(batch), strict=True):
-            save_png(image, out_dir / request.image)
+    with together(processes):  # a process that fails on its share stops the others at the end of theirs
+        for batch in tqdm(batches, desc="generate", unit="batch", disable=not (progress and main)):
+            for request, image in zip(batch, renderer(batch), strict=True):
+                save_png(image, out_dir / request.image)
+            if main:
+                write_manifest_now()
+    with together(processes):  # the caller's next barrier (the loop's) is not met by a main process that failed
         if main:
             write_manifest_now()
-    if processes is not None:
-        processes.wait_for_everyone()
-    if main:
-        write_manifest_now()
-        missing = [r.image for r in requests if not (out_dir / r.image).is_file()]
-        if missing:  # never mark a folder complete that lacks images of its request
-            raise LesiongenError(f"{out_dir}: {len(missing)} of {len(requests)} images were not written (e.g. "
-                                 f"{missing[0]}); rerun the same command to fill them in")
-        folder.finish()
+            missing = [r.image for r in requests if not (out_dir / r.image).is_file()]
+            if missing:  # never mark a folder complete that lacks images of its request
+                raise LesiongenError(f"{out_dir}: {len(missing)} of {len(requests)} images were not written "
+                                     f"(e.g. {missing[0]}); rerun the same command to fill them in")
+            folder.finish()
     return out_dir / MANIFEST_FILE
 
 

@@ -94,6 +94,7 @@ def make_prompted_set(ctx: StageContext, counts: dict[str, int], folder: Path, j
     from lesiongen.loop.stages import is_main_process
     from lesiongen.runs import current_processes
     from lesiongen.utils.atomic import write_json
+    from lesiongen.utils.distributed import together
 
     counts = {label: count for label, count in sorted(counts.items()) if count >= 1}
     if not counts:
@@ -104,11 +105,11 @@ def make_prompted_set(ctx: StageContext, counts: dict[str, int], folder: Path, j
     plan_file = folder / "draws.json"  # the main process's plan, read by every process
     while True:
         generated = generate_per_class(generator, draws, folder / GENERATED, seed)
-        if is_main_process():
-            variant_filter = variant_filter or load_variant_filter(ctx, judge)
-            summary, passed = _select(generated, counts, folder, variant_filter)
-            write_json(plan_file, next_draws(counts, draws, passed, settings.max_oversample))
-        current_processes().wait_for_everyone()
+        with together(current_processes()):
+            if is_main_process():
+                variant_filter = variant_filter or load_variant_filter(ctx, judge)
+                summary, passed = _select(generated, counts, folder, variant_filter)
+                write_json(plan_file, next_draws(counts, draws, passed, settings.max_oversample))
         planned = json.loads(plan_file.read_text(encoding="utf-8"))
         if planned == draws:
             return {**summary, "draws": draws} if summary else {}

@@ -14,6 +14,7 @@ from lesiongen.loop.plan import build_plan
 from lesiongen.loop.progress import StageProgress
 from lesiongen.loop.summary import SUMMARY_FILE, write_summary
 from lesiongen.runs import RunDir, StageRunner, current_processes
+from lesiongen.utils.distributed import together
 from lesiongen.utils.outdir import mark_complete
 
 # The stage's own message names its command's flags; in a loop they are config keys, and `--resume` keeps the
@@ -32,10 +33,13 @@ class LoopOutcome:
 
 
 def create_run(config: LoopConfig, out: str | os.PathLike, *, overwrite: bool = False) -> RunDir:
-    """A new run folder holding the resolved config (main process; the others wait in `run_loop`)."""
-    if current_processes().is_main_process:
-        return RunDir.create(out, config_yaml(config), overwrite=overwrite)
-    return RunDir(out)
+    """A new run folder holding the resolved config (written by the main process; a refused --out stops
+    every process)."""
+    processes = current_processes()
+    with together(processes):
+        run = RunDir.create(out, config_yaml(config), overwrite=overwrite) if processes.is_main_process \
+            else RunDir(out)
+    return run
 
 
 def run_loop(run_dir: str | os.PathLike, *, echo: Callable[[str], None] = print) -> LoopOutcome:
@@ -50,8 +54,9 @@ def run_loop(run_dir: str | os.PathLike, *, echo: Callable[[str], None] = print)
         torch.set_num_threads(config.cpu_threads)
     layout = RunLayout(run.root)
     plan = build_plan(config, layout)
-    if processes.is_main_process:
-        run.lock()
+    with together(processes):  # a run in use stops every process
+        if processes.is_main_process:
+            run.lock()
     try:
         progress = StageProgress(len(plan), echo)
         runner = StageRunner(run, processes, on_event=progress)
@@ -60,15 +65,15 @@ def run_loop(run_dir: str | os.PathLike, *, echo: Callable[[str], None] = print)
         except TrainingDivergedError as err:
             raise TrainingDivergedError(f"{err}. {LOOP_DIVERGENCE_FIX}") from err
         summary = layout.root / SUMMARY_FILE
-        if processes.is_main_process:
-            if ran or not summary.is_file():
-                write_summary(config, layout)
-            if ran:
-                progress.finish()
-            else:
-                echo(f"{run.root}: all {len(plan)} stages already finished; nothing to do")
-            mark_complete(run.root)  # every stage finished (a result an --overwrite replaced goes now)
-        processes.wait_for_everyone()
+        with together(processes):
+            if processes.is_main_process:
+                if ran or not summary.is_file():
+                    write_summary(config, layout)
+                if ran:
+                    progress.finish()
+                else:
+                    echo(f"{run.root}: all {len(plan)} stages already finished; nothing to do")
+                mark_complete(run.root)  # every stage finished (a result an --overwrite replaced goes now)
     finally:
         if processes.is_main_process:
             run.unlock()

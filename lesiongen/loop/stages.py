@@ -163,9 +163,14 @@ def evaluate(ctx: StageContext, key: ModelKey, split: str, folder: Path) -> dict
 
     evaluation = evaluate_model(ctx.layout.model(key), ctx.layout.manifest, split,
                                 batch_size=ctx.config.evaluate.batch_size)
-    if not is_main_process():
-        return {}
-    report = write_evaluation(evaluation, folder, BootstrapSettings(ctx.config.evaluate.bootstrap), overwrite=True)
+    from lesiongen.runs import current_processes
+    from lesiongen.utils.distributed import together
+
+    with together(current_processes()):  # a failure to write the evaluation stops every process
+        if not is_main_process():
+            return {}
+        report = write_evaluation(evaluation, folder, BootstrapSettings(ctx.config.evaluate.bootstrap),
+                                  overwrite=True)
     metrics = report["metrics"]
     return {"balanced_accuracy": metrics["balanced_accuracy"], "accuracy": metrics["accuracy"]}
 

@@ -310,7 +310,7 @@ def prepare_output(out: Path, resolved: dict, overwrite: bool, inputs: dict[str,
 def run_mine_and_generate(config: SynthesisConfig, *, overwrite: bool = False) -> dict:
     """The whole command on this process; returns the run's summary (on every process)."""
     from lesiongen.synthesis import outputs
-    from lesiongen.utils.distributed import process_state
+    from lesiongen.utils.distributed import process_state, together
 
     started = time.time()
     state = process_state()
@@ -319,8 +319,9 @@ def run_mine_and_generate(config: SynthesisConfig, *, overwrite: bool = False) -
     identity = model_identity(config)
     out = Path(config.out)
     folder = None
-    if state.is_main_process:
-        folder = prepare_output(out, config.resolved(), overwrite, input_hashes(config, identity))
+    with together(state):  # a refused --out stops every process
+        if state.is_main_process:
+            folder = prepare_output(out, config.resolved(), overwrite, input_hashes(config, identity))
     # A run this call started that fails before its first finished source leaves no folder behind.
     with (folder.removed_on_failure(lambda path: bool(outputs.finished_sources(path)))
           if folder is not None else contextlib.nullcontext()):
@@ -331,11 +332,12 @@ def _run(config: SynthesisConfig, state, manifest, mined: MiningResult, identity
          folder: OutputFolder | None) -> dict:
     from lesiongen.synthesis import outputs
     from lesiongen.utils.atomic import atomic_path
+    from lesiongen.utils.distributed import together
 
-    if state.is_main_process and not (out / outputs.HARD_CASES).is_file():
-        with atomic_path(out / outputs.HARD_CASES) as tmp:
-            mined.cases.to_csv(tmp, index=False)
-    state.wait_for_everyone()
+    with together(state):
+        if state.is_main_process and not (out / outputs.HARD_CASES).is_file():
+            with atomic_path(out / outputs.HARD_CASES) as tmp:
+                mined.cases.to_csv(tmp, index=False)
 
     generator = load_generator(config, state.device, identity)
     guide, judge = load_classifiers(config, manifest, state.device)
@@ -346,21 +348,22 @@ def _run(config: SynthesisConfig, state, manifest, mined: MiningResult, identity
     batches = [todo.iloc[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     from tqdm.auto import tqdm
 
-    for batch in tqdm(batches, desc="mine-and-generate", unit="batch",
-                      disable=not (config.progress and state.is_main_process)):
-        for record in process_batch(batch, manifest, config, generator, variant_filter, guide, out):
-            outputs.write_record(out, record)
-    state.wait_for_everyone()
+    with together(state):  # a process that fails on its share stops the others at the end of theirs
+        for batch in tqdm(batches, desc="mine-and-generate", unit="batch",
+                          disable=not (config.progress and state.is_main_process)):
+            for record in process_batch(batch, manifest, config, generator, variant_filter, guide, out):
+                outputs.write_record(out, record)
 
-    if state.is_main_process:
-        records = outputs.load_records(out, list(mined.cases["image"]))
-        outputs.write_outputs(out, mined.cases, records, manifest.classes, leakage_warning=mined.leakage_warning,
-                              summary=run_summary(config, mined, generator, variant_filter, time.time() - started,
-                                                  processes=state.num_processes),
-                              manifest_meta={"source_manifest": str(Path(config.manifest).resolve()),
-                                             "generator_hash": generator.generator_hash})
-        folder.finish()
-    state.wait_for_everyone()
+    with together(state):
+        if state.is_main_process:
+            records = outputs.load_records(out, list(mined.cases["image"]))
+            outputs.write_outputs(out, mined.cases, records, manifest.classes,
+                                  leakage_warning=mined.leakage_warning,
+                                  summary=run_summary(config, mined, generator, variant_filter,
+                                                      time.time() - started, processes=state.num_processes),
+                                  manifest_meta={"source_manifest": str(Path(config.manifest).resolve()),
+                                                 "generator_hash": generator.generator_hash})
+            folder.finish()
     return json.loads((out / outputs.SUMMARY).read_text(encoding="utf-8"))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lesiongen.errors import InputError
 from lesiongen.utils.atomic import readable_by_umask, write_json
+from lesiongen.utils.distributed import together
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -102,13 +103,13 @@ def save_accelerate_checkpoint(accelerator, folder: str | os.PathLike, step: int
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if add_files is not None:
-            add_files(partial)
-        readable_by_umask(partial)
-        write_json(partial / STATE_FILE, state)  # last: its presence marks the folder complete
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
-        prune_checkpoints(folder, total_limit)
-    accelerator.wait_for_everyone()
+    with together(accelerator):  # e.g. a full disk stops every process
+        if accelerator.is_main_process:
+            if add_files is not None:
+                add_files(partial)
+            readable_by_umask(partial)
+            write_json(partial / STATE_FILE, state)  # last: its presence marks the folder complete
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            prune_checkpoints(folder, total_limit)
     return final

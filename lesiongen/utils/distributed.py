@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lesiongen.errors import LesiongenError, ProcessFailedError
+
 
 def process_state() -> Any:
     """accelerate's `PartialState`, honouring ACCELERATE_USE_CPU.
@@ -33,3 +35,101 @@ def stage_accelerator(*, mixed_precision: str, **kwargs: Any) -> Any:
     if state and state.get("_mixed_precision") != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed_precision, **kwargs)
+
+
+def launched_main() -> bool:
+    """Whether this is the main process of an `accelerate launch` run (or no launch at all), from the
+    launcher's environment alone: no process group is started, so an error handler may ask."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+SHARED = "_lesiongen_shared"
+
+
+def is_shared(err: BaseException | None) -> bool:
+    """Whether every process raised `err` (or the error it was re-raised `from`): see `together`."""
+    while err is not None:
+        if getattr(err, SHARED, False):
+            return True
+        err = err.__cause__
+    return False
+
+
+class together:
+    """`with together(processes): ...` runs a block that may fail on some processes only (typically the
+    main process's part before a barrier: preparing --out, writing the results) and ends with a barrier
+    at which the processes learn whether any of them failed; if one did, every process raises.
+
+    Without it, a process that raised skips the barrier and the others wait at it for a peer that has
+    exited: gloo fails them with a "Connection closed by peer" traceback, NCCL holds them until its
+    timeout. With it, the failing process raises its own exception; the others raise the same
+    `LesiongenError` (the lowest failing rank's), or `ProcessFailedError` for any other exception. Both
+    are marked shared (`is_shared`), so the CLI prints them on the main process only: the user reads the
+    message once. The block must not itself wait for the other processes (it would wait at a different
+    collective than a process that failed before it).
+    """
+
+    def __init__(self, processes: Any = None) -> None:
+        self.processes = processes
+
+    def __enter__(self) -> together:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        processes = self.processes
+        if processes is None:
+            return False
+        if not hasattr(processes, "num_processes"):  # a plain `runs.Processes`: a barrier, as before
+            if exc is None:
+                processes.wait_for_everyone()
+            return False
+        if processes.num_processes <= 1 or (exc is not None and not isinstance(exc, Exception)):
+            return False  # Ctrl-C and the like: the launcher stops every process
+        reports = gather(processes, report_failure(exc))
+        failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+        if not failed:
+            return False
+        if exc is not None:
+            if isinstance(exc, LesiongenError):
+                setattr(exc, SHARED, True)
+            return False  # this process's own exception, traceback and all
+        raise peer_failure(*failed[0])
+
+
+def gather(processes: Any, item: Any) -> list[Any]:
+    """`item` of every process, in rank order (accelerate's `gather_object`; the exchange `together` makes)."""
+    from accelerate.utils import gather_object
+
+    return gather_object([item])
+
+
+def report_failure(exc: BaseException | None) -> dict[str, Any] | None:
+    """What the other processes need to raise the same error (JSON, so it may also go through a file)."""
+    if exc is None:
+        return None
+    kind = type(exc)
+    return {"class": f"{kind.__module__}:{kind.__qualname__}", "name": kind.__name__, "message": str(exc),
+            "user_error": isinstance(exc, LesiongenError)}
+
+
+def peer_failure(rank: int, report: dict[str, Any]) -> LesiongenError:
+    """The error to raise where process `rank` failed as `report` says: the same `LesiongenError`, or a
+    `ProcessFailedError` naming an unexpected one. Marked shared: the CLI prints it on the main process only."""
+    err: LesiongenError | None = None
+    if report.get("user_error"):
+        import importlib
+
+        module, _, name = str(report.get("class", "")).partition(":")
+        try:
+            kind = getattr(importlib.import_module(module), name)
+            err = kind(report["message"]) if issubclass(kind, LesiongenError) else None
+        except Exception:  # not importable here, or another constructor
+            err = None
+        err = err or LesiongenError(report["message"])
+    else:
+        err = ProcessFailedError(f"process {rank} stopped with {report.get('name')}: {report.get('message')} "
+                                 "(its traceback is above)")
+    setattr(err, SHARED, True)
+    return err

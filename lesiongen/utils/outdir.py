@@ -169,8 +169,9 @@ def check_out_file(path: str | os.PathLike, overwrite: bool, *, what: str = "out
 
 
 def warn_if_unfinished(folder: str | os.PathLike, resume_hint: str) -> None:
-    """A prominent line on stderr when a command uses the output of a run that has not finished."""
-    if is_unfinished(folder):
+    """A prominent line on stderr when a command uses the output of a run that has not finished (once under
+    `accelerate launch`: every process reads the same folder)."""
+    if is_unfinished(folder) and os.environ.get("RANK", "0") == "0":
         print(f"WARNING: {folder} is an unfinished run (stopped before the end, or still running); using what it "
               f"holds so far. Finish it with: {resume_hint}", file=sys.stderr)
 

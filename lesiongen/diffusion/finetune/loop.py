@@ -34,6 +34,7 @@ from lesiongen.diffusion.resolution import check_resolution
 from lesiongen.diffusion.text import CachedPromptEncoder, encode, tokenize
 from lesiongen.errors import TrainingDivergedError
 from lesiongen.utils import checkpoints
+from lesiongen.utils.distributed import together
 
 logger = logging.getLogger(__name__)
 
@@ -162,13 +163,13 @@ class Trainer:
 
         key = self.data.fingerprint(self.resolution, self.variants, self.base_hash, str(self.weight_dtype))
         cache_file = self.out_dir / "cache" / f"latents-{key}.safetensors"  # removed when training ends
-        if self.accelerator.is_main_process and not cache_file.is_file():
-            logger.info("encoding %d images x %d flips into %s", len(self.data), len(self.variants), cache_file)
-            source = ImageSource(self.data.paths, self.resolution, keep=False)
-            cached = CachedLatents.encode(self.pipe.vae, source, self.variants, dtype=self.weight_dtype)
-            with atomic_path(cache_file) as tmp:
-                save_file({k: v.contiguous().cpu() for k, v in cached.state_dict().items()}, str(tmp))
-        self.accelerator.wait_for_everyone()
+        with together(self.accelerator):  # an unreadable image stops every process
+            if self.accelerator.is_main_process and not cache_file.is_file():
+                logger.info("encoding %d images x %d flips into %s", len(self.data), len(self.variants), cache_file)
+                source = ImageSource(self.data.paths, self.resolution, keep=False)
+                cached = CachedLatents.encode(self.pipe.vae, source, self.variants, dtype=self.weight_dtype)
+                with atomic_path(cache_file) as tmp:
+                    save_file({k: v.contiguous().cpu() for k, v in cached.state_dict().items()}, str(tmp))
         return CachedLatents.from_state_dict(load_file(str(cache_file)), device)
 
     def _setup_optimization(self) -> None:
@@ -343,9 +344,9 @@ class Trainer:
 
     def _set_aside_diverged_checkpoints(self, bad_step: int) -> Path | None:
         """`checkpoints.set_aside_diverged` on the main process; every process gets the newest one left."""
-        if self.accelerator.is_main_process:
-            checkpoints.set_aside_diverged(self.out_dir, bad_step)
-        self.accelerator.wait_for_everyone()  # every process reaches this at the same step (`_flush` gathers)
+        with together(self.accelerator):  # every process reaches this at the same step (`_flush` gathers)
+            if self.accelerator.is_main_process:
+                checkpoints.set_aside_diverged(self.out_dir, bad_step)
         left = checkpoints.list_checkpoints(self.out_dir)
         return left[-1] if left else None
 
@@ -355,26 +356,26 @@ class Trainer:
         from lesiongen.diffusion.finetune.validation import render_validation_grid, save_grid
 
         path = self.out_dir / "validation" / f"step-{self.state.step:06d}.png"
-        if self.accelerator.is_main_process:
-            params = self.models.parameters
-            if self.ema is not None:
-                self.ema.store(params)
-                self.ema.copy_to(params)
-            for model in self.trainable_forward:
-                model.eval()
-            try:
-                with self.accelerator.autocast():
-                    grid = render_validation_grid(
-                        self.pipe, self.prompts, images_per_class=self.config.validation_images_per_class,
-                        steps=self.config.validation_steps, guidance=self.config.validation_guidance,
-                        resolution=self.resolution, seed=self.config.seed)
-                save_grid(grid, path)
-            finally:
-                for model in self.trainable_forward:
-                    model.train()
+        with together(self.accelerator):
+            if self.accelerator.is_main_process:
+                params = self.models.parameters
                 if self.ema is not None:
-                    self.ema.restore(params)
-        self.accelerator.wait_for_everyone()
+                    self.ema.store(params)
+                    self.ema.copy_to(params)
+                for model in self.trainable_forward:
+                    model.eval()
+                try:
+                    with self.accelerator.autocast():
+                        grid = render_validation_grid(
+                            self.pipe, self.prompts, images_per_class=self.config.validation_images_per_class,
+                            steps=self.config.validation_steps, guidance=self.config.validation_guidance,
+                            resolution=self.resolution, seed=self.config.seed)
+                    save_grid(grid, path)
+                finally:
+                    for model in self.trainable_forward:
+                        model.train()
+                    if self.ema is not None:
+                        self.ema.restore(params)
         return path
 
     def final_weights(self) -> None:

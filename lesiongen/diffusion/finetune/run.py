@@ -102,7 +102,7 @@ def _resumable(out: Path) -> bool:
 def run_finetune(config: FinetuneConfig, *, resume: str | None = None, overwrite: bool = False) -> Path:
     """Train, then write the adapter in every format with its model card; returns the output folder."""
     from lesiongen.diffusion.finetune.loop import Trainer, resolve_precision
-    from lesiongen.utils.distributed import process_state
+    from lesiongen.utils.distributed import process_state, together
 
     # fp16 without a GPU fails here, not after the training
     resolve_precision(config.mixed_precision, text_side_trains=not config.text_side_frozen)
@@ -110,8 +110,8 @@ def run_finetune(config: FinetuneConfig, *, resume: str | None = None, overwrite
         raise InputError("--tensorboard needs the tensorboard package, which is not installed "
                          "(pip install tensorboard), or leave the flag out")
     state = process_state()
-    folder = prepare_out_dir(config, resume=resume, overwrite=overwrite) if state.is_main_process else None
-    state.wait_for_everyone()
+    with together(state):  # a refused --out stops every process, not only the main one
+        folder = prepare_out_dir(config, resume=resume, overwrite=overwrite) if state.is_main_process else None
     # A run this call started that fails before its first checkpoint (a bad --base, say) leaves no folder
     # behind, so the corrected rerun needs no --resume or --overwrite.
     guard = folder.removed_on_failure(_resumable) if folder is not None else contextlib.nullcontext()
@@ -119,11 +119,12 @@ def run_finetune(config: FinetuneConfig, *, resume: str | None = None, overwrite
         trainer = Trainer(config, resume=resume).setup()
         trainer.train()
         trainer.final_weights()
-        if trainer.accelerator.is_main_process:
-            export_adapter(trainer)
-            shutil.rmtree(Path(config.out) / CACHE_DIR, ignore_errors=True)  # latents only serve unfinished training
-            mark_complete(config.out)
-    trainer.accelerator.wait_for_everyone()
+        with together(trainer.accelerator):
+            if trainer.accelerator.is_main_process:
+                export_adapter(trainer)
+                # latents only serve unfinished training
+                shutil.rmtree(Path(config.out) / CACHE_DIR, ignore_errors=True)
+                mark_complete(config.out)
     return Path(config.out)
 
 
