@@ -313,3 +313,16 @@ def test_with_defaults_fills_fields_added_since_a_config_was_saved_at_any_depth(
     assert filled == {**today, "leakage_warning": "kept as it is"}
     changed = with_defaults(SynthesisConfig, {**saved, "mining": {"split": "test"}})
     assert changed["mining"] == {**today["mining"], "split": "test"}  # a saved value is kept, not replaced
+
+
+def test_a_key_given_twice_in_the_config_file_is_an_error(tmp_path):
+    config = tmp_path / "twice.yaml"
+    config.write_text("classifier:\n  epochs: 2\n  arch: test_efficientnet\nrounds: 1\nclassifier:\n  epochs: 1\n")
+    with pytest.raises(InputError, match=r"key 'classifier' is given twice \(first on line 1\)"):
+        load_loop_config(config)
+
+
+def test_a_key_after_a_yaml_merge_overrides_the_merged_value(tmp_path):
+    path = tmp_path / "anchored.yaml"
+    path.write_text("common: &common\n  epochs: 2\n  lr: 0.1\nclassifier:\n  <<: *common\n  epochs: 3\n")
+    assert load_yaml(path)["classifier"] == {"epochs": 3, "lr": 0.1}

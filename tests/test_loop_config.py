@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -12,6 +15,7 @@ from lesiongen.config import shipped_config
 from lesiongen.errors import InputError
 from lesiongen.loop.config import (
     ClassicalConfig,
+    absolute_paths,
     config_yaml,
     load_loop_config,
     load_resolved,
@@ -178,3 +182,51 @@ def test_classes_the_filters_leave_short_are_drawn_again_by_their_pass_rate_up_t
     settled = {"bcc": 40, "df": 16, "mel": 15, "nv": 30}
     assert next_draws(counts, settled, {"bcc": 9, "mel": 12, "nv": 20}, max_oversample=4.0) == settled  # nothing left
     assert next_draws(counts, draws, passed, max_oversample=1.5) == draws  # no second draw allowed
+
+
+@pytest.mark.parametrize("items, earlier", [
+    (["classifier=null", "classifier.epochs=3"], "classifier"),
+    (["seeds=3", "seeds.x=1"], "seeds"),
+    (["classifier.epochs=3", "classifier.epochs.max=1"], "classifier.epochs"),
+])
+def test_conflicting_set_options_are_an_input_error(items, earlier):
+    with pytest.raises(InputError, match=f"an earlier --set gave {earlier} the value"):
+        parse_set_options(items)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"seeds": [-1]}, "seeds must be integers in [0, 2**32 - 1], got [-1]"),
+    ({"seeds": [2**32]}, "seeds must be integers in [0, 2**32 - 1]"),
+    ({"seeds": -1}, "got -1"),  # the value given, not the empty list it turned into
+    ({"data": {"toy": {"seed": -1}}}, "data.toy.seed must be an integer in [0, 2**32 - 1]"),
+    ({"data": {"fractions": [0.5, 0.5, 0.5]}}, "fractions must sum to 1"),
+    ({"data": {"split_seed": -1}}, "seed must be a non-negative integer"),
+    ({"evaluate": {"batch_size": 0}}, "--set evaluate.batch_size: evaluate.batch_size must be a positive integer"),
+    ({"generate": {"guidance": -1}}, "--set generate.guidance: generate.guidance must be >= 0"),
+])
+def test_values_that_used_to_fail_stages_later_fail_at_load(overrides, message):
+    with pytest.raises(InputError) as err:
+        load_loop_config(shipped_config("demo"), overrides)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("classifier.arch=nosuchnet", "--set classifier.arch: classifier.arch: unknown architecture 'nosuchnet'"),
+    ("classifier.pretrained=nowhere.safetensors", "--set classifier.pretrained: classifier.pretrained: "),
+])
+def test_classifier_arch_and_weights_are_checked_before_the_run_folder_exists(flag, message, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner(env={"COLUMNS": "2000"}).invoke(app, ["loop", "--config", "demo", "--out", str(out),
+                                                             "--set", flag])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not out.exists()
+
+
+def test_relative_prompt_file_is_saved_absolute(tmp_path, monkeypatch):
+    prompts = tmp_path / "mine.yaml"
+    shutil.copy(Path(__file__).parents[1] / "prompts" / "ham10000.yaml", prompts)
+    monkeypatch.chdir(tmp_path)
+    config = absolute_paths(load_loop_config(shipped_config("demo"), {"data": {"prompts": "mine.yaml"}}), tmp_path)
+    assert config.data.prompts == str(prompts.resolve())  # a resume or report from elsewhere finds it
+    assert absolute_paths(load_loop_config(shipped_config("demo")), tmp_path).data.prompts == "ham10000"

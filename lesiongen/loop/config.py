@@ -58,6 +58,8 @@ class ToyData:
         # The same bound as `lesiongen data toy --size`; the renderer draws any side from 32 px up.
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 32:
             raise ValueError(f"data.toy.size must be an integer >= 32 px (64 or 128 recommended), got {self.size!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"data.toy.seed must be an integer in [0, 2**32 - 1], got {self.seed!r}")
 
 
 @dataclass
@@ -81,6 +83,12 @@ class DataSection:
         self.fractions = tuple(float(f) for f in self.fractions)
         if len(self.fractions) != 3:
             raise ValueError(f"data.fractions must be three numbers (train, val, test), got {list(self.fractions)}")
+        from lesiongen.data.split import SplitConfig
+
+        try:  # the data stage's own checks, now rather than when the stage runs
+            SplitConfig(self.fractions, self.split_seed)
+        except ValueError as err:
+            raise ValueError(f"data.fractions / data.split_seed: {err}") from None
 
 
 @dataclass
@@ -169,6 +177,8 @@ class PromptedConfig:
             raise ValueError(f"generate.steps must be a positive integer, got {self.steps!r}")
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"generate.scheduler must be one of {list(SCHEDULERS)}, got '{self.scheduler}'")
+        if self.guidance < 0:  # the generate stage's own bound (GenerationSettings)
+            raise ValueError(f"generate.guidance must be >= 0, got {self.guidance}")
         if self.oversample < 1.0:
             raise ValueError(f"generate.oversample must be >= 1, got {self.oversample}")
         if self.max_oversample < self.oversample:
@@ -186,6 +196,8 @@ class EvaluateSection:
     def __post_init__(self) -> None:
         if not isinstance(self.bootstrap, int) or self.bootstrap < 0:
             raise ValueError(f"evaluate.bootstrap must be a non-negative integer, got {self.bootstrap!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"evaluate.batch_size must be a positive integer, got {self.batch_size!r}")
 
 
 @dataclass
@@ -213,10 +225,13 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise ValueError(f"rounds must be an integer >= 1, got {self.rounds!r}")
+        given = self.seeds
         if isinstance(self.seeds, int):  # `seeds: 3` means seeds 0, 1, 2
             self.seeds = list(range(self.seeds))
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or not all(isinstance(s, int) for s in self.seeds):
-            raise ValueError(f"seeds must be distinct integers (or a count), got {self.seeds!r}")
+            raise ValueError(f"seeds must be distinct integers (or a positive count), got {given!r}")
+        if not all(0 <= s < 2**32 for s in self.seeds):  # numpy and accelerate's set_seed take [0, 2**32)
+            raise ValueError(f"seeds must be integers in [0, 2**32 - 1], got {self.seeds!r}")
         unknown = sorted(set(self.arms) - set(ARMS))
         if unknown or "real" not in self.arms or "mined" not in self.arms:
             raise ValueError(f"arms must include 'real' and 'mined' and be among {list(ARMS)}, got {self.arms}")
@@ -326,6 +341,19 @@ def check_input_paths(config: LoopConfig, where: str, overrides: dict[str, Any] 
         if key == "base.path" and looks_like_hub_id(value) and not hub_offline():
             continue  # downloaded by the base stage
         raise InputError(f"{_origin(key, overrides or {}, where)}: {key} {value!r}: no such file or folder")
+    # the classifier is first built after the base and the adaptation (hours with a pretrained base): its
+    # architecture and initial weights are checked now, named by the config key rather than train-classifier's flag
+    from lesiongen.classifier.models import check_arch, resolve_weights
+
+    clf = config.classifier
+    for key, check in (("classifier.arch", lambda: check_arch(clf.arch)),
+                       ("classifier.pretrained", lambda: clf.pretrained in ("none", "imagenet")
+                        or resolve_weights(clf.arch, clf.pretrained))):
+        try:
+            check()
+        except InputError as err:
+            message = str(err).split(": ", 1)[-1] if str(err).startswith("--") else str(err)
+            raise InputError(f"{_origin(key, overrides or {}, where)}: {key}: {message}") from err
 
 
 def parse_set_options(items: list[str]) -> dict[str, Any]:
@@ -341,8 +369,12 @@ def parse_set_options(items: list[str]) -> dict[str, Any]:
             raise InputError(f"--set '{item}': value is not valid YAML ({yaml_problem(err)})") from err
         node = out
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):  # `--set classifier=null --set classifier.epochs=3`
+                earlier = ".".join(parts[:i + 1])
+                raise InputError(f"--set '{item}': an earlier --set gave {earlier} the value {node!r}, not a "
+                                 f"section; give {earlier} once, either whole or key by key")
         node[parts[-1]] = parsed
     return out
 
@@ -359,6 +391,12 @@ def absolute_paths(config: LoopConfig, base_dir: str | os.PathLike) -> LoopConfi
 
     config.data.source, config.data.manifest = resolve(config.data.source), resolve(config.data.manifest)
     config.base.path = resolve(config.base.path)
+    if Path(config.data.prompts).suffix:  # a prompt file (a bare name is a shipped one)
+        config.data.prompts = resolve(config.data.prompts)
+    if config.classifier.pretrained not in ("none", "imagenet"):  # a weights file or classifier folder
+        config.classifier = replace(config.classifier, pretrained=resolve(config.classifier.pretrained))
+    if config.synthesis.get("reference_classifier"):
+        config.synthesis["reference_classifier"] = resolve(config.synthesis["reference_classifier"])
     return config
 
 
@@ -380,6 +418,15 @@ def _at(data: dict, dotted: str) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+# Top-level keys every saved config has had: a saved config without them was emptied or cut short, and would
+# otherwise silently become the built-in defaults (another base, classifier, seeds ...) on resume and in the report.
+SAVED_KEYS = ("name", "rounds", "seeds", "data", "base", "classifier")
+
+
 def load_resolved(path: str | os.PathLike) -> LoopConfig:
     """Reload a run's saved `config.yaml` (already resolved) for `--resume`."""
+    missing = [key for key in SAVED_KEYS if key not in load_yaml(path)]
+    if missing:
+        raise InputError(f"{path}: not a complete saved run config (no {', '.join(missing)}); `lesiongen loop` "
+                         "writes every setting there: restore the file from a backup, or start the run again")
     return load_loop_config(Path(path))
