@@ -254,3 +254,33 @@ def test_report_says_when_every_arm_was_selected_on_the_selection_reserve(tiny_l
     markdown = " ".join((run_dir / "report.md").read_text(encoding="utf-8").split())
     assert "over the selection reserve: 0.25 of the validation lesions per class, never mined" in markdown
     assert "no arm trained on variants of these never-mined images" in markdown
+
+
+def _copy_run(tiny_loop_run, tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_loop_run.run_dir, run_dir, ignore=shutil.ignore_patterns("report*"))
+    return run_dir
+
+
+def test_report_names_a_damaged_stage_file_when_it_reads_the_stage_folders(tiny_loop_run, tmp_path):
+    run_dir = _copy_run(tiny_loop_run, tmp_path)
+    (run_dir / "metrics.json").unlink()  # the report then reads the stage folders
+    damaged = next(run_dir.glob("seed-0/round-1/mined/eval-test/metrics.json"))
+    damaged.write_text(damaged.read_text()[:200])
+    result = CliRunner(env={"COLUMNS": "2000"}).invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 2, result.output
+    assert f"{damaged}: not valid JSON" in " ".join(result.output.split())
+    assert not (run_dir / "report.md").exists()
+
+
+def test_report_refuses_an_incomplete_summary_or_saved_config(tiny_loop_run, tmp_path):
+    run_dir = _copy_run(tiny_loop_run, tmp_path)
+    (run_dir / "metrics.json").write_text('{"classes": ["akiec"]}')  # valid JSON, not a summary
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    assert "is unreadable (not a run summary)" in result.output
+    (run_dir / "config.yaml").write_text("")  # would be read as the built-in defaults
+    result = CliRunner(env={"COLUMNS": "2000"}).invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 2, result.output
+    assert "not a complete saved run config" in result.output
+    assert yaml.safe_load((tiny_loop_run.run_dir / "config.yaml").read_text())["name"] == "tiny-loop-test"

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from lesiongen.errors import InputError
 from lesiongen.loop.config import ARM_DESCRIPTIONS, LoopConfig
 from lesiongen.loop.layout import ModelKey, RunLayout
 from lesiongen.loop.plan import models
@@ -23,7 +24,17 @@ DEMO_STATEMENT = (
 
 
 def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    """A stage's JSON file (None when absent); a damaged one is an error naming it, not a traceback."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: not valid JSON ({err}); restore the file, or delete its stage folder "
+                         "(and its entry in state.json) and resume the run to make it again") from err
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def model_result(layout: RunLayout, key: ModelKey) -> dict[str, Any]:

@@ -17,6 +17,9 @@ from lesiongen.report import figures, gallery, tables
 from lesiongen.report.document import Callout, Document, Figure, Heading, Paragraph, Table
 from lesiongen.runs import CONFIG_FILE, STATE_FILE
 
+# What `collect` always writes and the report reads without a default.
+_SUMMARY_KEYS = {"name", "classes", "arms", "rounds", "seeds", "mining_split", "models"}
+
 
 def load_summary(run_dir: Path, config: LoopConfig) -> dict:
     """The run's metrics.json; a run still in progress is summarised from what has finished so far, and so is
@@ -25,7 +28,7 @@ def load_summary(run_dir: Path, config: LoopConfig) -> dict:
     if path.is_file():
         try:
             summary = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(summary, dict) and "classes" in summary:
+            if isinstance(summary, dict) and _SUMMARY_KEYS <= set(summary):
                 return summary
             problem = "not a run summary"
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
