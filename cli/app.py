@@ -13,6 +13,10 @@ from lesiongen.errors import LesiongenError
 
 # Each module exposes `register(app)`; order is the order of `lesiongen --help`.
 COMMAND_MODULES = ("data", "base", "classifier", "finetune", "synthesis", "quality", "loop")
+# The commands that share their work among `accelerate launch` processes. Any other, launched on several,
+# would run once per process into the same output (a base pretrained N times over, racing on its checkpoints).
+MULTI_PROCESS_COMMANDS = ("train-classifier", "evaluate", "finetune", "generate", "mine-and-generate", "loop",
+                          "demo", "version")
 
 
 class _Group(TyperGroup):
@@ -36,6 +40,35 @@ class _Group(TyperGroup):
                 raise
             _echo_error(_path_error(err), err)
             raise typer.Exit(code=2) from err
+
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and not isinstance(command, TyperGroup) \
+                and not set(rest) & set(ctx.help_option_names):
+            refuse_several_processes(" ".join([*_group_names(ctx), name]))
+        return name, command, rest
+
+
+def _group_names(ctx) -> list[str]:
+    """The command groups below the root that `ctx` is in (`base` for `lesiongen base pretrain`)."""
+    names = []
+    while ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return names[::-1]
+
+
+def refuse_several_processes(command: str) -> None:
+    """A LesiongenError when `accelerate launch` started several processes for a command that runs on one."""
+    from lesiongen.utils.distributed import shared
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1 and command not in MULTI_PROCESS_COMMANDS:
+        raise shared(LesiongenError(
+            f"`lesiongen {command}` runs on one process, but `accelerate launch` started {processes} (WORLD_SIZE="
+            f"{processes}): each would do the whole job into the same output. Run it as `lesiongen {command} ...`, "
+            f"or launch with --num_processes 1. Commands that share their work among processes: "
+            f"{', '.join(c for c in MULTI_PROCESS_COMMANDS if c != 'version')}"))  # every process raises it
 
 
 def _echo_error(message: str, err: BaseException) -> None:

@@ -7,6 +7,8 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
+from lesiongen.cli.app import _Group
+
 PRESET_NAMES = ("tiny", "small", "sd15")
 PredictionType = Literal["epsilon", "v_prediction"]
 # `base pretrain` flags whose name is not `--<key>` (errors about their values name the flag).
@@ -16,7 +18,8 @@ PRETRAIN_FLAGS = {"time_budget_minutes": "--time-budget", "vae.steps": "--vae-st
 CONFIG_HELP = ("For a single-file checkpoint that is not SD 1.5-shaped: a diffusers folder with the same "
                "architecture's configs (needed offline).")
 
-base_app = typer.Typer(help="Build, inspect and pretrain Stable-Diffusion-format base models.", no_args_is_help=True)
+base_app = typer.Typer(help="Build, inspect and pretrain Stable-Diffusion-format base models.", no_args_is_help=True,
+                       cls=_Group)  # its errors and its one-process rule are the root's
 
 
 def _check_preset(value: str) -> str:

@@ -12,8 +12,10 @@ FORMAT_CHOICES = ("auto", "ham10000", "isic2019", "imagefolder", "labels")
 
 def register(app: typer.Typer) -> None:
     """Add the `data` command group to the root app."""
+    from lesiongen.cli.app import _Group
+
     group = typer.Typer(help="Index, check and make data sets (manifests with lesion-aware splits).",
-                        no_args_is_help=True)
+                        no_args_is_help=True, cls=_Group)  # its errors and its one-process rule are the root's
     group.command("index")(index)
     group.command("check")(check)
     group.command("toy")(toy)

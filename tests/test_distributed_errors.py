@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 import lesiongen.runs
 import lesiongen.utils.distributed as distributed
-from lesiongen.cli.app import _Group
-from lesiongen.errors import InputError, LesiongenError, ProcessFailedError
+from lesiongen.cli.app import _Group, app
+from lesiongen.errors import InputError, ProcessFailedError
 from lesiongen.runs import RunDir, Stage, StageRunner
-from lesiongen.utils.distributed import is_shared, together
+from lesiongen.utils.distributed import is_shared, shared, together
 
 
 class ThreadGroup:
@@ -153,20 +153,15 @@ def _app(error: Exception) -> typer.Typer:
     return app
 
 
-def _shared(err: LesiongenError) -> LesiongenError:
-    setattr(err, distributed.SHARED, True)
-    return err
-
-
-@pytest.mark.parametrize("rank, shared, printed", [
+@pytest.mark.parametrize("rank, raised_by_all, printed", [
     ("0", True, True), ("1", True, False),  # every process raised it: the main process says it
     ("1", False, True),  # met by this process alone: it says it
 ])
-def test_the_cli_prints_a_shared_error_on_the_main_process_only(monkeypatch, rank, shared, printed):
+def test_the_cli_prints_a_shared_error_on_the_main_process_only(monkeypatch, rank, raised_by_all, printed):
     monkeypatch.setenv("RANK", rank)
     err = InputError("manifest.csv row 3: no such image")
     wrapped = InputError("stage data: manifest.csv row 3: no such image")  # as StageRunner re-raises
-    wrapped.__cause__ = _shared(err) if shared else err
+    wrapped.__cause__ = shared(err) if raised_by_all else err
     result = CliRunner().invoke(_app(wrapped), ["fail"])
     assert result.exit_code == 2
     assert ("Error: stage data: manifest.csv row 3" in result.output) is printed
@@ -180,3 +175,25 @@ def test_the_unfinished_run_warning_is_printed_once(monkeypatch, tmp_path, capsy
         monkeypatch.setenv("RANK", rank)
         warn_if_unfinished(tmp_path, "the same command again")
     assert capsys.readouterr().err.count("WARNING:") == 1
+
+
+@pytest.mark.parametrize("name, args", [
+    ("base pretrain", ["--manifest", "m.csv", "--out", "base"]), ("data index", ["data/"]), ("report", ["run/"]),
+    ("mine", ["--predictions", "p"]),
+])
+def test_a_one_process_command_under_several_processes_is_refused_once(monkeypatch, name, args):
+    """Launched on two processes, `base pretrain` would pretrain twice into one folder, racing on its
+    checkpoints: every process refuses, and the main one says why."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        result = CliRunner().invoke(app, [*name.split(), *args])
+        assert result.exit_code == 2, result.output
+        said = " ".join(result.output.split())
+        assert (f"`lesiongen {name}` runs on one process, but `accelerate launch` started 2" in said) is printed, said
+
+
+@pytest.mark.parametrize("command", [["version"], ["base", "pretrain", "--help"], ["loop", "--help"]])
+def test_help_and_version_run_under_several_processes(monkeypatch, command):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert CliRunner().invoke(app, command).exit_code == 0

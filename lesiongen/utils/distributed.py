@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from lesiongen.errors import LesiongenError, ProcessFailedError
 
@@ -46,6 +46,13 @@ def launched_main() -> bool:
 
 
 SHARED = "_lesiongen_shared"
+E = TypeVar("E", bound=BaseException)
+
+
+def shared(err: E) -> E:
+    """`err`, marked as raised by every process (the CLI prints it on the main process only)."""
+    setattr(err, SHARED, True)
+    return err
 
 
 def is_shared(err: BaseException | None) -> bool:
@@ -93,7 +100,7 @@ class together:
             return False
         if exc is not None:
             if isinstance(exc, LesiongenError):
-                setattr(exc, SHARED, True)
+                shared(exc)
             return False  # this process's own exception, traceback and all
         raise peer_failure(*failed[0])
 
@@ -131,5 +138,4 @@ def peer_failure(rank: int, report: dict[str, Any]) -> LesiongenError:
     else:
         err = ProcessFailedError(f"process {rank} stopped with {report.get('name')}: {report.get('message')} "
                                  "(its traceback is above)")
-    setattr(err, SHARED, True)
-    return err
+    return shared(err)
