@@ -214,16 +214,34 @@ def test_pretraining_takes_only_resolutions_its_base_can_later_generate_at(prese
             with pytest.raises(ValueError, match=rf"resolution {resolution}: a '{preset}' base needs a positive "
                                                  "multiple of"):
                 PretrainConfig(preset=preset, resolution=resolution)
-    with pytest.raises(InputError, match=r"^--resolution: resolution 30: a 'tiny' base needs a positive multiple "
-                                         r"of 4 \(VAE x2, UNet x2\); try 28 or 32"):
-        from_dict(PretrainConfig, {"preset": "tiny", "resolution": 30}, flags={"resolution": 30})
+    with pytest.raises(InputError, match=r"^--resolution: resolution 36: a 'tiny' base needs a positive multiple "
+                                         r"of 8 \(VAE x2, UNet x2, and diffusers' pipelines take multiples of 8\); "
+                                         r"try 32 or 40"):
+        from_dict(PretrainConfig, {"preset": "tiny", "resolution": 36}, flags={"resolution": 36})
+
+
+def test_every_size_the_check_accepts_a_tiny_base_renders_at():
+    """A tiny base's VAE halves once and its UNet once: 4 px would suit both, but diffusers' pipelines refuse
+    sizes not divisible by 8 (a finetune at 20 px trained, then failed at its first validation grid)."""
+    from lesiongen.diffusion.build import build_pipeline
+
+    pipe = build_pipeline("tiny", seed=0)
+    for size in range(4, 41, 4):
+        try:
+            check_resolution(pipe, size, where="tiny")
+        except InputError:
+            continue
+        image = pipe("a lesion", height=size, width=size, num_inference_steps=1, output_type="pt").images
+        assert image.shape[-2:] == (size, size)
+    with pytest.raises(InputError, match="multiple of 8"):
+        check_resolution(pipe, 20, where="tiny")
 
 
 def test_non_positive_resolutions_say_so():
     pipe = SimpleNamespace(vae_scale_factor=2, unet=SimpleNamespace(config=SimpleNamespace(down_block_types=[0, 0])))
     for bad in (0, -32):
         with pytest.raises(InputError, match=rf"^--resolution {bad}: must be positive \(the base b takes multiples "
-                                             r"of 4 px\)$"):
+                                             r"of 8 px\)$"):
             check_resolution(pipe, bad, where="b")
     result = runner.invoke(app, ["generate", "--base", "b", "--class", "mel", "--resolution", "0"])
     assert result.exit_code == 2 and "--resolution" in result.output

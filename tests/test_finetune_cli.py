@@ -152,9 +152,9 @@ def test_a_token_that_already_exists_in_the_tokenizer_is_refused(tiny_pipeline_d
 
 def test_a_resolution_the_vae_cannot_take_is_refused(tiny_pipeline_dir, toy_manifest, tmp_path):
     result = finetune("--base", tiny_pipeline_dir, "--manifest", toy_manifest, "--out", tmp_path / "x",
-                      "--resolution", "30", "--steps", "1")
+                      "--resolution", "20", "--steps", "1")  # a multiple of the VAE x UNet 4 px, not of 8
     assert result.exit_code == 2
-    assert "--resolution 30" in result.output and "multiple of 4" in result.output
+    assert "--resolution 20" in result.output and "multiple of 8" in result.output
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tiny_pipeline_dir, toy_manifest,

@@ -181,7 +181,7 @@ def test_resolution_must_divide_by_vae_and_unet_downsampling(tiny_pipe):
     from lesiongen.diffusion.resolution import check_resolution
 
     assert check_resolution(tiny_pipe, 64, where="tiny") == 64
-    with pytest.raises(InputError, match="--resolution 30: .* multiple of 4.*try 28 or 32"):
+    with pytest.raises(InputError, match="--resolution 30: .* multiple of 8.*try 24 or 32"):
         check_resolution(tiny_pipe, 30, where="tiny")
 
 

@@ -16,6 +16,7 @@ from lesiongen.errors import InputError
 from lesiongen.loop.config import (
     ClassicalConfig,
     absolute_paths,
+    check_finetune_resolution,
     config_yaml,
     load_loop_config,
     load_resolved,
@@ -230,3 +231,18 @@ def test_relative_prompt_file_is_saved_absolute(tmp_path, monkeypatch):
     config = absolute_paths(load_loop_config(shipped_config("demo"), {"data": {"prompts": "mine.yaml"}}), tmp_path)
     assert config.data.prompts == str(prompts.resolve())  # a resume or report from elsewhere finds it
     assert absolute_paths(load_loop_config(shipped_config("demo")), tmp_path).data.prompts == "ham10000"
+
+
+def test_a_finetune_resolution_the_base_cannot_take_is_refused_before_the_run_folder_exists(tiny_pipeline_dir,
+                                                                                            tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner(env={"COLUMNS": "2000"}).invoke(app, [
+        "loop", "--config", "demo", "--out", str(out), "--set", "base.asset=null",
+        "--set", f"base.path={tiny_pipeline_dir}", "--set", "finetune.resolution=20"])
+    assert result.exit_code == 2, result.output
+    assert "--set finetune.resolution: finetune.resolution 20: the base" in " ".join(result.output.split())
+    assert "try 16 or 24" in result.output and not out.exists()
+    # a base pretrained in the run: its preset says, before hours of pretraining
+    config = load_loop_config(None, {"base": {"pretrain": {"preset": "small"}}, "finetune": {"resolution": 60}})
+    with pytest.raises(InputError, match=r"^config: finetune.resolution 60: a 'small' base needs a positive multiple"):
+        check_finetune_resolution(config, "config", {})

@@ -1,13 +1,19 @@
-"""Which image sizes a base can take: the VAE and the UNet each halve the size a fixed number of times."""
+"""Which image sizes a base can take: the VAE and the UNet each halve the size a fixed number of times, and
+diffusers' Stable Diffusion pipelines take multiples of 8 only, whatever the two (a tiny base's VAE may halve
+once)."""
 
 from __future__ import annotations
 
+import math
+
 from lesiongen.errors import InputError
+
+PIPELINE_MULTIPLE = 8  # StableDiffusionPipeline.check_inputs: "`height` and `width` have to be divisible by 8"
 
 
 def multiple_of(vae_scale_factor: int, unet_down_blocks: int) -> int:
-    """The VAE's downsampling times the UNet's (one halving per down block but the last)."""
-    return int(vae_scale_factor) * 2 ** (unet_down_blocks - 1)
+    """The VAE's downsampling times the UNet's (one halving per down block but the last), and a multiple of 8."""
+    return math.lcm(int(vae_scale_factor) * 2 ** (unet_down_blocks - 1), PIPELINE_MULTIPLE)
 
 
 def resolution_multiple(pipe) -> int:
@@ -23,7 +29,8 @@ def resolution_problem(resolution: int, vae_scale_factor: int, unet_down_blocks:
         lower, upper = resolution // multiple * multiple, (resolution // multiple + 1) * multiple
         suggestion = f"{lower} or {upper}" if lower > 0 else str(upper)
         return (f"{base} needs a positive multiple of {multiple} (VAE x{vae_scale_factor}, "
-                f"UNet x{multiple // vae_scale_factor}); try {suggestion}")
+                f"UNet x{2 ** (unet_down_blocks - 1)}, and diffusers' pipelines take multiples of "
+                f"{PIPELINE_MULTIPLE}); try {suggestion}")
     return None
 
 

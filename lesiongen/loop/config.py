@@ -341,6 +341,7 @@ def check_input_paths(config: LoopConfig, where: str, overrides: dict[str, Any] 
         if key == "base.path" and looks_like_hub_id(value) and not hub_offline():
             continue  # downloaded by the base stage
         raise InputError(f"{_origin(key, overrides or {}, where)}: {key} {value!r}: no such file or folder")
+    check_finetune_resolution(config, where, overrides or {})
     # the classifier is first built after the base and the adaptation (hours with a pretrained base): its
     # architecture and initial weights are checked now, named by the config key rather than train-classifier's flag
     from lesiongen.classifier.models import check_arch, resolve_weights
@@ -354,6 +355,41 @@ def check_input_paths(config: LoopConfig, where: str, overrides: dict[str, Any] 
         except InputError as err:
             message = str(err).split(": ", 1)[-1] if str(err).startswith("--") else str(err)
             raise InputError(f"{_origin(key, overrides or {}, where)}: {key}: {message}") from err
+
+
+def _base_factors(base: BaseSection) -> tuple[int, int, str] | None:
+    """(VAE downsampling, UNet down blocks, a name) of the loop's base, read without loading weights: a preset
+    for a base pretrained in the run, the component configs of a diffusers folder; None otherwise (the
+    finetune stage checks a single file or a hub id once loaded)."""
+    import json
+
+    from lesiongen.diffusion.presets import PRESETS
+
+    if base.pretrain is not None and base.pretrain.preset in PRESETS:
+        preset = PRESETS[base.pretrain.preset]
+        return preset.vae_scale_factor, len(preset.unet["down_block_types"]), f"a '{base.pretrain.preset}' base"
+    folder = Path(base.path).expanduser() if base.path else None
+    configs = [folder / part / "config.json" for part in ("vae", "unet")] if folder is not None else []
+    if not configs or not all(path.is_file() for path in configs):
+        return None
+    try:
+        vae, unet = (json.loads(path.read_text(encoding="utf-8")) for path in configs)
+        return 2 ** (len(vae["block_out_channels"]) - 1), len(unet["down_block_types"]), f"the base {folder}"
+    except (OSError, ValueError, KeyError, TypeError):  # the base stage names a damaged folder
+        return None
+
+
+def check_finetune_resolution(config: LoopConfig, where: str, overrides: dict[str, Any]) -> None:
+    """finetune.resolution against the base's size multiple, before the base stage (hours when pretrained)."""
+    from lesiongen.diffusion.resolution import resolution_problem
+
+    resolution, factors = config.finetune.resolution, _base_factors(config.base)
+    if resolution is None or factors is None:
+        return
+    problem = resolution_problem(resolution, *factors)
+    if problem is not None:
+        raise InputError(f"{_origin('finetune.resolution', overrides, where)}: finetune.resolution {resolution}: "
+                         f"{problem}")
 
 
 def parse_set_options(items: list[str]) -> dict[str, Any]:
