@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -211,3 +212,26 @@ def test_variants_must_come_from_the_real_manifest_with_its_split_and_lesion(toy
     write_manifest(Manifest(df, tmp_path / "d", sorted(set(df["label"]))), path)
     with pytest.raises(InputError, match=r"row 3: source_image 'images/elsewhere.png' is not an image of the real"):
         load_synthetic([path], real)
+
+
+def test_variants_check_against_a_copied_manifest_while_the_original_still_exists(toy_manifest, tmp_path):
+    """A run folder copied with its data keeps the original manifest's absolute path in the variants' meta;
+    the copy, byte-identical, is the manifest they were made from, not 'another data set'."""
+    original = load_manifest(toy_manifest)
+    shutil.copytree(original.root, tmp_path / "copy" / "data")
+    copy_path = tmp_path / "copy" / "manifest.csv"
+    shutil.copy(toy_manifest, copy_path)
+    write_manifest(Manifest(original.df, tmp_path / "copy" / "data", original.classes), copy_path)
+    assert copy_path.read_bytes() == Path(toy_manifest).read_bytes()
+    path = make_synthetic_manifest(copy_path, tmp_path / "copy" / "variants", split="train", per_class=1)
+    synthetic = load_manifest(path)
+    write_manifest(synthetic, path, source_manifest=str(Path(toy_manifest).resolve()))
+    assert load_synthetic([path], load_manifest(copy_path))[0].meta["source_manifest"] == str(toy_manifest)
+
+    other = tmp_path / "other.csv"  # a recorded manifest with other rows still decides the root
+    resplit = original.df.copy()
+    resplit["image"] = "elsewhere/" + resplit["image"]
+    write_manifest(Manifest(resplit, original.root.parent, original.classes), other)
+    write_manifest(load_manifest(path), path, source_manifest=str(other))
+    with pytest.raises(InputError, match="is not an image of the real manifest"):
+        load_synthetic([path], load_manifest(copy_path))

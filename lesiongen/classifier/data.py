@@ -74,10 +74,7 @@ def check_sources(synthetic: Manifest, real: Manifest) -> None:
     sourced = synthetic.is_synthetic & df["source_image"].fillna("").astype(str).str.len().gt(0)
     if not sourced.any():
         return
-    source_root = real.root
-    source_manifest = synthetic.meta.get("source_manifest")
-    if source_manifest and Path(source_manifest).is_file():
-        source_root = load_manifest(source_manifest).root
+    source_root = _source_root(synthetic, real)
     by_path = {os.path.normpath(real.root / image): i for i, image in enumerate(real.df["image"])}
     found = [by_path.get(os.path.normpath(source_root / image)) if ok else None
              for image, ok in zip(df["source_image"].astype(str), sourced)]
@@ -95,6 +92,18 @@ def check_sources(synthetic: Manifest, real: Manifest) -> None:
         f"'{real_group_of[row.name]}' in {real.where}, but the row says split '{row['split']}', lesion "
         f"'{row['group_id']}'; the manifest was split again after the variants were made. Make the variants "
         "from this manifest's predictions, or train with the manifest they were made from"))
+
+
+def _source_root(synthetic: Manifest, real: Manifest) -> Path:
+    """The folder `source_image` paths are relative to: the recorded source manifest's image root, unless
+    that manifest is gone or holds the same rows as `real`. A run folder copied with its data (the copy's
+    manifest is byte-identical, the original still on disk) must check against the copy, not the original."""
+    source_manifest = synthetic.meta.get("source_manifest")
+    if not source_manifest or not Path(source_manifest).is_file():
+        return real.root
+    if real.path is not None and Path(real.path).is_file() and sha256_file(source_manifest) == sha256_file(real.path):
+        return real.root
+    return load_manifest(source_manifest).root
 
 
 @dataclass
