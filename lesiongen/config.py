@@ -177,8 +177,8 @@ class _Source:
         return self.flag_names.get(dotted) or "--" + keys[-1].replace("_", "-")
 
     def section(self, keys: tuple[str, ...]) -> str:
-        """`where`, and the section's dotted key below the top level (how errors have always named it)."""
-        return ".".join((self.where, *keys))
+        """`where`, then the section's dotted key (`configs/demo.yaml: base`, not a file `demo.yaml.base`)."""
+        return f"{self.where}: {'.'.join(keys)}" if keys else self.where
 
 
 def _build(cls: type[T], data: Any, source: _Source, keys: tuple[str, ...]) -> T:

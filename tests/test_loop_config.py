@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -72,6 +73,13 @@ def test_bad_config_values_fail_at_load_naming_the_key(overrides, message):
         load_loop_config(None, overrides)
     assert message in str(err.value)
 
+
+
+def test_a_yaml_value_the_class_refuses_names_the_file_then_the_section(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("base:\n  asset: nope.safetensors\n")
+    with pytest.raises(InputError, match=rf"^{re.escape(str(config))}: base: base.asset 'nope.safetensors' is not"):
+        load_loop_config(config)
 
 def test_toy_size_takes_what_data_toy_takes():
     assert load_loop_config(None, {"data": {"toy": {"size": 48}}}).data.toy.size == 48
