@@ -284,3 +284,15 @@ def test_report_refuses_an_incomplete_summary_or_saved_config(tiny_loop_run, tmp
     assert result.exit_code == 2, result.output
     assert "not a complete saved run config" in result.output
     assert yaml.safe_load((tiny_loop_run.run_dir / "config.yaml").read_text())["name"] == "tiny-loop-test"
+
+
+def test_report_clears_figures_an_earlier_report_drew(tiny_loop_run):
+    run_dir = tiny_loop_run.run_dir
+    assets = run_dir / "report_assets"
+    assets.mkdir(exist_ok=True)
+    (assets / "round-9-arm-gone.png").write_bytes(b"an old figure")
+    result = CliRunner().invoke(app, ["report", str(run_dir)])
+    assert result.exit_code == 0, result.output
+    markdown = (run_dir / "report.md").read_text(encoding="utf-8")
+    drawn = {Path(asset).name for asset in re.findall(r"\]\(report_assets/([^)]+)\)", markdown)}
+    assert drawn and {p.name for p in assets.glob("*.png")} == drawn

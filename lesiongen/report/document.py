@@ -127,5 +127,12 @@ def to_html(doc: Document) -> str:
 def write_figures(doc: Document, assets_dir: Path) -> None:
     from lesiongen.utils.atomic import write_bytes
 
+    names = set()
     for figure in doc.figures():
         write_bytes(assets_dir / f"{figure.name}.png", figure.png)
+        names.add(f"{figure.name}.png")
+    # a figure of an earlier report that this one no longer draws (an arm dropped, a round removed) would
+    # sit beside the new ones as if current
+    for stale in assets_dir.glob("*.png") if assets_dir.is_dir() else ():
+        if stale.name not in names:
+            stale.unlink()
