@@ -241,6 +241,16 @@ def test_relative_prompt_file_is_saved_absolute(tmp_path, monkeypatch):
     assert absolute_paths(load_loop_config(shipped_config("demo")), tmp_path).data.prompts == "ham10000"
 
 
+
+def test_pretrain_inputs_are_saved_absolute(tmp_path):
+    (tmp_path / "judge").mkdir()
+    overrides = {"base": {"pretrain": {"eval_classifier": "judge", "cache_dir": "cache",
+                                       "vae": {"perceptual_weight": 0.1, "perceptual_classifier": "judge"}}}}
+    config = absolute_paths(load_loop_config(None, overrides), tmp_path)
+    pretrain = config.base.pretrain
+    assert pretrain.eval_classifier == pretrain.vae.perceptual_classifier == str((tmp_path / "judge").resolve())
+    assert pretrain.cache_dir == str((tmp_path / "cache").resolve())  # not made yet, absolute all the same
+
 def test_a_finetune_resolution_the_base_cannot_take_is_refused_before_the_run_folder_exists(tiny_pipeline_dir,
                                                                                             tmp_path):
     out = tmp_path / "run"

@@ -433,6 +433,11 @@ def absolute_paths(config: LoopConfig, base_dir: str | os.PathLike) -> LoopConfi
         config.classifier = replace(config.classifier, pretrained=resolve(config.classifier.pretrained))
     if config.synthesis.get("reference_classifier"):
         config.synthesis["reference_classifier"] = resolve(config.synthesis["reference_classifier"])
+    if (pretrain := config.base.pretrain) is not None:
+        pretrain.eval_classifier = resolve(pretrain.eval_classifier)
+        pretrain.vae.perceptual_classifier = resolve(pretrain.vae.perceptual_classifier)
+        if pretrain.cache_dir is not None:  # made when first used: absolute even before it exists
+            pretrain.cache_dir = str((Path(base_dir) / Path(pretrain.cache_dir).expanduser()).resolve())
     return config
 
 
