@@ -24,8 +24,12 @@ from safetensors.torch import load_file, save_file
 from test_classifier_data import make_synthetic_manifest
 from typer.testing import CliRunner
 
+from lesiongen.classifier.config import TrainConfig
+from lesiongen.classifier.train import train_classifier
 from lesiongen.cli.app import app
+from lesiongen.config import from_dict, load_yaml
 from lesiongen.data.manifest import Manifest, load_manifest, write_manifest
+from lesiongen.errors import InputError
 from lesiongen.utils.hashing import sha256_file
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
@@ -332,7 +336,7 @@ def test_resume_refuses_a_manifest_whose_content_changed_under_the_same_path(env
     out = tmp_path / "run"
     cli("train-classifier", "--manifest", manifest, "--synthetic", synthetic, "--config", recipe, "--out", out)
     recorded = json.loads((out / "inputs.json").read_text())
-    assert recorded == {"--manifest": sha256_file(manifest), f"--synthetic {synthetic}": sha256_file(synthetic)}
+    assert recorded == {"--manifest": sha256_file(manifest), "--synthetic #1": sha256_file(synthetic)}
     last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     shutil.rmtree(last)  # as if killed before its last checkpoint
     df = real.df.copy()
@@ -343,6 +347,16 @@ def test_resume_refuses_a_manifest_whose_content_changed_under_the_same_path(env
     assert "was started from other files under the same paths (--manifest: content changed since" in text
     assert "start a new --out, or pass --overwrite" in text and not last.exists()
     write_manifest(Manifest(real.df, real.root, real.classes), manifest)  # the original content resumes
+    # A copied run names its synthetic sets by their new paths (the loop does so); the check still holds.
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved / "run")
+    shutil.copytree(Path(synthetic).parent, moved / "synthetic")
+    moved_synthetic = moved / "synthetic" / Path(synthetic).name
+    grown = load_manifest(moved_synthetic)
+    write_manifest(Manifest(pd.concat([grown.df, grown.df.head(1)]), grown.root, grown.classes), moved_synthetic)
+    config = from_dict(TrainConfig, {**load_yaml(out / "config.yaml"), "synthetic": [str(moved_synthetic)]})
+    with pytest.raises(InputError, match=r"other files under the same paths \(--synthetic #1: content changed"):
+        train_classifier(config, moved / "run", resume="latest", overwrite=True)
     assert "resumed from" in cli("train-classifier", "--out", out, "--resume", "latest").output
 
 

@@ -173,7 +173,10 @@ class ClassifierTrainer:
         cfg, acc = self.config, self.accelerator
         cache = self.cache_dir or cache_root()
         manifest = load_manifest(cfg.manifest)
-        self.inputs = file_hashes({"--manifest": cfg.manifest, **{f"--synthetic {s}": s for s in cfg.synthetic}})
+        # Synthetic sets are keyed by position, not path: a run copied or moved elsewhere names them by other
+        # paths and must still be checked against what it started from.
+        self.inputs = file_hashes({"--manifest": cfg.manifest,
+                                   **{f"--synthetic #{i}": s for i, s in enumerate(cfg.synthetic, start=1)}})
         if self.checkpoint is not None:
             refuse_changed_inputs(self.out_dir, self.inputs, action=f"--resume {self.checkpoint.name}",
                                   fix="resuming would continue a model trained on other data; start a new --out, "
