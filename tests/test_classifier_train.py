@@ -328,7 +328,8 @@ def test_resume_from_a_mid_epoch_checkpoint_reproduces_the_uninterrupted_run(env
 
 def test_resume_refuses_a_manifest_whose_content_changed_under_the_same_path(env, toy_manifest, recipe, tmp_path):
     """A re-indexed manifest (another split) or a synthetic folder that grew keeps its path: the run records
-    the files' hashes when it starts and a resume on other content is refused before any training."""
+    the files' hashes when it starts and a resume on other content is refused before any training. A copy of
+    the run, resumed on copies of its inputs, is checked the same way and describes the files it read."""
     real = load_manifest(toy_manifest)
     manifest = tmp_path / "manifest.csv"
     write_manifest(Manifest(real.df, real.root, real.classes), manifest)
@@ -337,6 +338,8 @@ def test_resume_refuses_a_manifest_whose_content_changed_under_the_same_path(env
     cli("train-classifier", "--manifest", manifest, "--synthetic", synthetic, "--config", recipe, "--out", out)
     recorded = json.loads((out / "inputs.json").read_text())
     assert recorded == {"--manifest": sha256_file(manifest), "--synthetic #1": sha256_file(synthetic)}
+    moved = tmp_path / "moved"  # a copy that keeps its last checkpoint: its best model is from before a resume
+    shutil.copytree(out, moved / "run")
     last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     shutil.rmtree(last)  # as if killed before its last checkpoint
     df = real.df.copy()
@@ -348,8 +351,6 @@ def test_resume_refuses_a_manifest_whose_content_changed_under_the_same_path(env
     assert "start a new --out, or pass --overwrite" in text and not last.exists()
     write_manifest(Manifest(real.df, real.root, real.classes), manifest)  # the original content resumes
     # A copied run names its synthetic sets by their new paths (the loop does so); the check still holds.
-    moved = tmp_path / "moved"
-    shutil.copytree(out, moved / "run")
     shutil.copytree(Path(synthetic).parent, moved / "synthetic")
     moved_synthetic = moved / "synthetic" / Path(synthetic).name
     grown = load_manifest(moved_synthetic)
@@ -357,6 +358,12 @@ def test_resume_refuses_a_manifest_whose_content_changed_under_the_same_path(env
     config = from_dict(TrainConfig, {**load_yaml(out / "config.yaml"), "synthetic": [str(moved_synthetic)]})
     with pytest.raises(InputError, match=r"other files under the same paths \(--synthetic #1: content changed"):
         train_classifier(config, moved / "run", resume="latest", overwrite=True)
+    shutil.copy(synthetic, moved_synthetic)  # the same content: the copy resumes, and says what it read
+    train_classifier(config, moved / "run", resume="latest", overwrite=True)
+    training = json.loads((moved / "run" / "classifier.json").read_text())["training"]
+    assert training["data"]["synthetic_manifests"] == [str(moved_synthetic)]
+    assert training["config"]["synthetic"] == [str(moved_synthetic)] and "best_epoch" in training
+    assert load_yaml(moved / "run" / "config.yaml")["synthetic"] == [str(moved_synthetic)]
     assert "resumed from" in cli("train-classifier", "--out", out, "--resume", "latest").output
 
 

@@ -61,7 +61,7 @@ from lesiongen.classifier.preprocess import normalize, shades_of_gray, to_unit_f
 from lesiongen.config import save_config, to_dict
 from lesiongen.errors import InputError, OutputExistsError, TrainingDivergedError
 from lesiongen.metrics.clinical import ClinicalSpec, clinical_metrics
-from lesiongen.utils.atomic import atomic_path
+from lesiongen.utils.atomic import atomic_path, write_json
 from lesiongen.utils.distributed import together
 from lesiongen.utils.inputs import file_hashes, record_inputs, refuse_changed_inputs
 from lesiongen.utils.outdir import OutputFolder
@@ -162,8 +162,8 @@ class ClassifierTrainer:
                 else:  # resumed: unfinished again until training completes
                     write_marker(self.out_dir, "classifier", complete=False)
                     remove_temporaries(self.out_dir)  # e.g. the evaluation folder a kill -9 stopped writing
-                if self.checkpoint is None or not (self.out_dir / CONFIG_FILE).is_file():
-                    save_config(self.config, self.out_dir / CONFIG_FILE)
+                # Rewritten on resume too: a copied or moved run names its inputs by their new paths.
+                save_config(self.config, self.out_dir / CONFIG_FILE)
 
     def setup(self) -> None:
         """Validate the inputs, create the model, decode the data, and prepare everything with accelerate."""
@@ -211,6 +211,15 @@ class ClassifierTrainer:
             training={"data": data_summary, "selection": self.selection.summary, "num_processes": acc.num_processes,
                       "effective_batch_size": cfg.batch_size * acc.num_processes * cfg.grad_accum,
                       "mixed_precision": acc.mixed_precision, "config": to_dict(cfg)})
+
+    def _describe_restored_best(self) -> None:
+        """A best model from before the resume keeps its scores, but its description names the files this run
+        reads now (a copied run's new paths; their content is checked unchanged)."""
+        if not (self.out_dir / INFO_FILE).is_file():
+            return
+        saved = ClassifierInfo.read(self.out_dir)
+        current = {key: self.info.training[key] for key in ("data", "config")}
+        write_json(self.out_dir / INFO_FILE, replace(saved, training={**saved.training, **current}).to_dict())
 
     def _announce_data_rules(self) -> None:
         """Say which synthetic rows do not train and which validation rows do not select the model."""
@@ -357,6 +366,7 @@ class ClassifierTrainer:
             state = TrainerState.read(self.checkpoint)
             if acc.is_main_process:
                 restore_best(self.checkpoint, self.out_dir)
+                self._describe_restored_best()
             acc.print(f"resumed from {self.checkpoint} (epoch {state.epoch + 1}, step {state.global_step})")
         total_steps = cfg.epochs * math.ceil(len(self.train_loader) / cfg.grad_accum)
         progress = tqdm(total=total_steps, initial=state.global_step, desc="train-classifier",
