@@ -10,6 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from lesiongen.errors import LesiongenError
+from lesiongen.utils.distributed import close_process_group
 
 # Each module exposes `register(app)`; order is the order of `lesiongen --help`.
 COMMAND_MODULES = ("data", "base", "classifier", "finetune", "synthesis", "quality", "loop")
@@ -31,15 +32,19 @@ class _Group(TyperGroup):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
         except LesiongenError as err:
             _echo_error(str(err), err)
+            _close_if_shared(err)
             raise typer.Exit(code=2) from err
         except OSError as err:
             if err.filename is None:
                 raise
             _echo_error(_path_error(err), err)
+            _close_if_shared(err)
             raise typer.Exit(code=2) from err
+        close_process_group()  # every process finished the command
+        return result
 
     def resolve_command(self, ctx, args):
         name, command, rest = super().resolve_command(ctx, args)
@@ -76,6 +81,15 @@ def _echo_error(message: str, err: BaseException) -> None:
 
     if launched_main() or not is_shared(err):
         typer.echo(f"Error: {message}", err=True)
+
+
+def _close_if_shared(err: BaseException) -> None:
+    """Every process raised `err` together, so all of them are here: close the process group. An error
+    of one process leaves it alone (the others may still be inside a collective; the launcher stops them)."""
+    from lesiongen.utils.distributed import is_shared
+
+    if is_shared(err):
+        close_process_group()
 
 
 def _path_error(err: OSError) -> str:

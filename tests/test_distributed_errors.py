@@ -139,7 +139,8 @@ def test_a_failed_main_only_stage_stops_the_waiting_processes(threads, tmp_path)
     assert is_shared(outcome[1]) and not RunDir.open(root).is_finished("base")
 
 
-def _app(error: Exception) -> typer.Typer:
+def _app(error: Exception | None) -> typer.Typer:
+    """An application whose one command `fail` raises `error` (None: finishes)."""
     app = typer.Typer(cls=_Group)
 
     @app.callback()
@@ -148,7 +149,8 @@ def _app(error: Exception) -> typer.Typer:
 
     @app.command()
     def fail() -> None:
-        raise error
+        if error is not None:
+            raise error
 
     return app
 
@@ -197,3 +199,27 @@ def test_a_one_process_command_under_several_processes_is_refused_once(monkeypat
 def test_help_and_version_run_under_several_processes(monkeypatch, command):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert CliRunner().invoke(app, command).exit_code == 0
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    """A real gloo process group of one process, as `accelerate launch` leaves one for the command."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("error, closed", [
+    (None, True),  # a finished command: every process is here
+    (shared(InputError("raised by every process")), True),
+    (InputError("met by this process alone"), False),  # the others may be inside a collective still
+])
+def test_the_cli_closes_the_process_group_where_every_process_arrives(process_group, error, closed):
+    """Left to the interpreter's teardown, a gloo group can abort a finished process (SIGABRT, 'terminate
+    called without an active exception'), failing the launch after all its work was done."""
+    result = CliRunner().invoke(_app(error), ["fail"])
+    assert result.exit_code == (0 if error is None else 2), result.output
+    assert process_group.is_initialized() is not closed
