@@ -46,6 +46,31 @@ def test_accelerate_checkpoint_is_renamed_into_place_only_when_complete(tmp_path
     assert model is not None
 
 
+def test_a_checkpoint_resumes_only_on_the_process_count_that_wrote_it(tmp_path):
+    import torch
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    folder = checkpoints.save_accelerate_checkpoint(accelerator, tmp_path, 1, {"step": 1}, total_limit=None)
+    assert checkpoints.saved_process_count(folder) == 1
+    checkpoints.check_process_count(folder, 1)
+    with pytest.raises(InputError, match=r"checkpoint-1 was written by 1 process, but this run has 4: .* Resume on 1 "
+                                         r"\(without `accelerate launch`"):
+        checkpoints.check_process_count(folder, 4)
+    # A checkpoint from before processes.json: accelerate's RNG files, one per process, tell the count.
+    (folder / checkpoints.PROCESSES_FILE).unlink()
+    (folder / "random_states_1.pkl").write_bytes(b"")
+    assert checkpoints.saved_process_count(folder) == 2
+    with pytest.raises(InputError, match=r"written by 2 processes, but this run has 1: .* Resume on 2 "
+                                         r"\(`accelerate launch --num_processes 2"):
+        checkpoints.check_process_count(folder, 1)
+    for rng in folder.glob("random_states_*.pkl"):
+        rng.unlink()
+    assert checkpoints.saved_process_count(folder) is None  # nothing says: nothing to refuse
+    checkpoints.check_process_count(folder, 3)
+
+
 def test_weights_written_into_our_folders_are_readable_as_the_umask_allows(tmp_path):
     """safetensors 0.8 writes 0600 files; a base or checkpoint another user (or container) cannot read is
     useless, so folder writers give every file the umask's read bits."""

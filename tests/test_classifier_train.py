@@ -459,6 +459,16 @@ def test_ddp_training_on_two_cpu_processes_gathers_the_single_process_evaluation
     steps = steps_per_epoch(toy_manifest, processes=2)
     assert {p.name for p in out.glob("checkpoint-*")} == {f"checkpoint-{steps}", f"checkpoint-{2 * steps}"}
 
+    # Its first-epoch checkpoint, resumed on one process, would train another run's epochs and schedule.
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for name in ("config.yaml", "inputs.json", f"checkpoint-{steps}"):
+        (shutil.copytree if (out / name).is_dir() else shutil.copy)(out / name, crashed / name)
+    refused = cli("train-classifier", "--out", crashed, "--resume", "latest", expect=2)
+    assert f"checkpoint-{steps} was written by 2 processes, but this run has 1" in refused.output
+    assert "Resume on 2 (`accelerate launch --num_processes 2 -m lesiongen ...`" in refused.output
+    assert sorted(p.name for p in crashed.iterdir()) == ["checkpoint-" + str(steps), "config.yaml", "inputs.json"]
+
     # The same batches of 4 as the processes scored (their shards are whole batches): same arithmetic.
     cli("evaluate", "--model", out, "--manifest", toy_manifest, "--split", "val", "--bootstrap", "0",
         "--batch-size", "4", "--out", tmp_path / "single")

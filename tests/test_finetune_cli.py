@@ -194,11 +194,20 @@ def test_a_run_diverging_before_its_first_good_checkpoint_says_to_start_again(ti
 
 def test_two_processes_stop_together_at_a_divergence(tiny_pipeline_dir, toy_manifest, tmp_path):
     """Every process judges the losses of all of them: a process that stopped alone would leave the other
-    waiting in the next gradient all-reduce. Both name the step; the good checkpoint is kept."""
+    waiting in the next gradient all-reduce. Both name the step; the good checkpoint is kept.
+
+    On the way, a checkpoint two processes wrote is refused on one: the effective batch, each process's
+    batches and the schedule's position depend on the count."""
     out = tmp_path / "diverged"
     common = ["--base", tiny_pipeline_dir, "--manifest", toy_manifest, "--out", out, "--method", "lora",
               "--batch-size", "2", "--checkpoint-every", "1", "--log-every", "1", "--validate-every", "0"]
-    assert finetune(*common, "--lr", "1e-4", "--steps", "2").exit_code == 0  # in this process: quicker
+    run = launch("finetune", *common, "--lr", "1e-4", "--steps", "2", timeout=300)
+    assert run.returncode == 0, failure(run)
+    before = sorted(p.name for p in out.iterdir())
+    refused = finetune(*common, "--lr", "1e-4", "--steps", "4", "--resume", "latest")
+    assert refused.exit_code == 2
+    assert "checkpoint-2 was written by 2 processes, but this run has 1" in " ".join(refused.output.split())
+    assert sorted(p.name for p in out.iterdir()) == before
     run = launch("finetune", *common, "--lr", "1e30", "--steps", "6", "--resume", "latest", timeout=300)
     assert run.returncode != 0, failure(run)
     output = run.stdout + run.stderr

@@ -8,7 +8,9 @@ import json
 import shutil
 
 from launch_support import failure, launch
+from typer.testing import CliRunner
 
+from lesiongen.cli.app import app
 from lesiongen.runs import RunDir
 
 
@@ -36,3 +38,15 @@ def test_finetune_and_per_seed_stages_run_on_two_processes(tiny_loop_run, tmp_pa
     vary = run_dir / "seed-0/round-1/mined/vary"
     assert len(list((vary / "records").glob("*.json"))) == finished["seed-0/round-1/mined/vary"]["summary"]["sources"]
     assert (run_dir / "report.html").is_file()
+
+    # Its classifiers trained on two processes: resumed on one, a classifier still to train would get half the
+    # effective batch and be compared with them as if trained alike. A finished run has nothing left to train.
+    assert CliRunner().invoke(app, ["loop", "--resume", str(run_dir)]).exit_code == 0
+    run.forget(["seed-0/round-1/random/train"])
+    state = (run_dir / "state.json").read_text()
+    refused = CliRunner().invoke(app, ["loop", "--resume", str(run_dir)])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2, said
+    assert "classifier(s) of this run trained on 2 process(es) (effective batch" in said
+    assert "but this launch has 1" in said and "--num_processes 2 -m lesiongen loop --resume" in said
+    assert (run_dir / "state.json").read_text() == state

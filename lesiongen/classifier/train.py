@@ -62,6 +62,7 @@ from lesiongen.config import save_config, to_dict
 from lesiongen.errors import InputError, OutputExistsError, TrainingDivergedError
 from lesiongen.metrics.clinical import ClinicalSpec, clinical_metrics
 from lesiongen.utils.atomic import atomic_path, write_json
+from lesiongen.utils.checkpoints import check_process_count
 from lesiongen.utils.distributed import together
 from lesiongen.utils.inputs import file_hashes, record_inputs, refuse_changed_inputs
 from lesiongen.utils.outdir import OutputFolder
@@ -125,6 +126,7 @@ class ClassifierTrainer:
         self.checkpoint = resolve_resume(self.out_dir, resume) if resume else None
         if self.checkpoint is not None:
             check_checkpoint(self.checkpoint, resume)
+            check_process_count(self.checkpoint, self.accelerator.num_processes)
         self.output = self._check_out_dir(resume, overwrite)
         set_seed(config.seed, device_specific=True)  # different augmentation per process, same per seed
         if self.accelerator.device.type == "cuda":

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lesiongen.errors import TrainingDivergedError
+from lesiongen.errors import LesiongenError, TrainingDivergedError
 from lesiongen.loop.config import LoopConfig, config_yaml, load_resolved
 from lesiongen.loop.layout import RunLayout
 from lesiongen.loop.plan import build_plan
@@ -42,6 +42,39 @@ def create_run(config: LoopConfig, out: str | os.PathLike, *, overwrite: bool = 
     return run
 
 
+def check_training_processes(config: LoopConfig, layout: RunLayout, num_processes: int) -> None:
+    """Refuse to resume a run whose finished classifiers trained on another number of processes.
+
+    A classifier's effective batch size is its batch times the processes, and the arms are compared as
+    trained alike: a real-only model trained on 4 GPUs against a mined one trained on 2 after a resume would
+    measure the batch size as much as the synthetic images.
+    """
+    from lesiongen.classifier.models import ClassifierInfo
+    from lesiongen.loop.plan import models
+
+    trained: dict[int, list[str]] = {}
+    untrained = False
+    for seed in config.seeds:
+        for key in models(config, seed):
+            if (layout.model(key) / "classifier.json").is_file():
+                count = ClassifierInfo.read(layout.model(key)).training.get("num_processes", 1)
+                trained.setdefault(int(count), []).append(key.stage("train"))
+            else:
+                untrained = True
+    others = {count: names for count, names in trained.items() if count != num_processes}
+    if not others or not untrained:  # every classifier trained: the rest (evaluations, report) is count-free
+        return
+    count, names = next(iter(others.items()))
+    batch = config.classifier.batch_size * config.classifier.grad_accum
+    how = "without `accelerate launch`, or with --num_processes 1" if count == 1 else \
+        f"`accelerate launch --num_processes {count} -m lesiongen loop --resume {layout.root}`"
+    raise LesiongenError(
+        f"{layout.root}: {len(names)} classifier(s) of this run trained on {count} process(es) (effective batch "
+        f"{batch * count}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}), but this launch has "
+        f"{num_processes} (effective batch {batch * num_processes}); the arms are compared as trained alike. "
+        f"Resume on {count} ({how})")
+
+
 def run_loop(run_dir: str | os.PathLike, *, echo: Callable[[str], None] = print) -> LoopOutcome:
     """Run every unfinished stage of the run in `run_dir`; a finished run is left untouched."""
     processes = current_processes()
@@ -54,8 +87,9 @@ def run_loop(run_dir: str | os.PathLike, *, echo: Callable[[str], None] = print)
         torch.set_num_threads(config.cpu_threads)
     layout = RunLayout(run.root)
     plan = build_plan(config, layout)
-    with together(processes):  # a run in use stops every process
+    with together(processes):  # a run in use (or resumed on another process count) stops every process
         if processes.is_main_process:
+            check_training_processes(config, layout, getattr(processes, "num_processes", 1))
             run.lock()
     try:
         progress = StageProgress(len(plan), echo)

@@ -16,10 +16,12 @@ from pathlib import Path
 
 from lesiongen.errors import InputError
 from lesiongen.utils.atomic import readable_by_umask, write_json
-from lesiongen.utils.distributed import together
+from lesiongen.utils.distributed import shared, together
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+PROCESSES_FILE = "processes.json"  # how many processes wrote the checkpoint
+RNG_FILE = re.compile(r"^random_states_(\d+)\.pkl$")  # accelerate's, one per process (older checkpoints)
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -66,6 +68,39 @@ def read_state(checkpoint: str | os.PathLike) -> dict:
         raise InputError(f"{path}: unreadable trainer state ({err})") from err
 
 
+def saved_process_count(checkpoint: str | os.PathLike) -> int | None:
+    """How many processes wrote `checkpoint`: its `processes.json`, or for a checkpoint written before that
+    file existed, the number of RNG files accelerate wrote (one per process); None when neither says."""
+    checkpoint = Path(checkpoint)
+    try:
+        return int(json.loads((checkpoint / PROCESSES_FILE).read_text(encoding="utf-8"))["num_processes"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        pass
+    ranks = [int(m.group(1)) for p in checkpoint.iterdir() if (m := RNG_FILE.match(p.name))]
+    return max(ranks) + 1 if ranks else None
+
+
+def check_process_count(checkpoint: str | os.PathLike, num_processes: int) -> None:
+    """Refuse to resume `checkpoint` on another number of processes than wrote it.
+
+    Each process draws its own batches, so the effective batch size (batch x processes), the steps of an
+    epoch, the position a mid-epoch checkpoint skips to and the learning-rate schedule's position all
+    depend on the count: resumed on another, training would silently continue as a different run (measured:
+    a classifier killed at step 8 of 18 on one process and resumed on two stopped at step 12, its one-cycle
+    schedule unfinished).
+    """
+    saved = saved_process_count(checkpoint)
+    if saved is None or saved == num_processes:
+        return
+    how = "without `accelerate launch`, or with --num_processes 1" if saved == 1 else \
+        f"`accelerate launch --num_processes {saved} -m lesiongen ...`"
+    raise shared(InputError(  # every process reads the same checkpoint: the main one says it
+        f"{checkpoint} was written by {saved} process{'es' if saved != 1 else ''}, but this run has "
+        f"{num_processes}: the effective batch size, the data order and the learning-rate schedule depend on the "
+        f"count, so training cannot continue as the same run. Resume on {saved} ({how}, same arguments), "
+        "or start again with --overwrite"))
+
+
 def prune_checkpoints(folder: str | os.PathLike, total_limit: int | None) -> None:
     """Delete all but the newest `total_limit` checkpoints (None keeps all)."""
     if total_limit is None:
@@ -108,6 +143,7 @@ def save_accelerate_checkpoint(accelerator, folder: str | os.PathLike, step: int
             if add_files is not None:
                 add_files(partial)
             readable_by_umask(partial)
+            write_json(partial / PROCESSES_FILE, {"num_processes": accelerator.num_processes})
             write_json(partial / STATE_FILE, state)  # last: its presence marks the folder complete
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)

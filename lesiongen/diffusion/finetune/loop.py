@@ -223,6 +223,7 @@ class Trainer:
         if checkpoint is None:
             logger.info("no checkpoint in %s yet: starting from step 0", self.out_dir)
             return
+        checkpoints.check_process_count(checkpoint, self.accelerator.num_processes)
         self.accelerator.load_state(str(checkpoint))
         self._apply_learning_rates()
         self.state = TrainerState(**checkpoints.read_state(checkpoint))

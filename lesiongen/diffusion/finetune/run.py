@@ -58,9 +58,13 @@ def _given(values: dict) -> dict:
     return out
 
 
-def prepare_out_dir(config: FinetuneConfig, *, resume: str | None, overwrite: bool) -> OutputFolder | None:
+def prepare_out_dir(config: FinetuneConfig, *, resume: str | None, overwrite: bool,
+                    num_processes: int = 1) -> OutputFolder | None:
     """A fresh run needs an empty folder (or --overwrite of an earlier finetune output); a resumed one must
-    keep its locked settings. Returns the folder when this call starts it (None: a resumed run)."""
+    keep its locked settings and process count. Returns the folder when this call starts it (None: a resumed
+    run)."""
+    from lesiongen.utils.checkpoints import check_process_count, resolve_resume
+
     out = Path(config.out)
     saved = out / CONFIG_FILE
     folder = None
@@ -74,6 +78,8 @@ def prepare_out_dir(config: FinetuneConfig, *, resume: str | None, overwrite: bo
         refuse_changed_inputs(out, training_data_hashes(config.manifest, config.prompts), action=f"--resume {resume}",
                               fix="resuming would continue an adapter trained on other images (the base is "
                                   "checked by its own hash); start a new --out, or pass --overwrite to train again")
+        if (checkpoint := resolve_resume(out, resume)) is not None:  # before the slow set-up writes caches
+            check_process_count(checkpoint, num_processes)
         write_marker(out, "finetune", complete=False)  # unfinished (again) until the adapter is written
     elif (folder := OutputFolder(out, "finetune")).existing:
         if overwrite:
@@ -111,7 +117,8 @@ def run_finetune(config: FinetuneConfig, *, resume: str | None = None, overwrite
                          "(pip install tensorboard), or leave the flag out")
     state = process_state()
     with together(state):  # a refused --out stops every process, not only the main one
-        folder = prepare_out_dir(config, resume=resume, overwrite=overwrite) if state.is_main_process else None
+        folder = prepare_out_dir(config, resume=resume, overwrite=overwrite,
+                                 num_processes=state.num_processes) if state.is_main_process else None
     # A run this call started that fails before its first checkpoint (a bad --base, say) leaves no folder
     # behind, so the corrected rerun needs no --resume or --overwrite.
     guard = folder.removed_on_failure(_resumable) if folder is not None else contextlib.nullcontext()
