@@ -63,7 +63,7 @@ from lesiongen.errors import InputError, OutputExistsError, TrainingDivergedErro
 from lesiongen.metrics.clinical import ClinicalSpec, clinical_metrics
 from lesiongen.utils.atomic import atomic_path, write_json
 from lesiongen.utils.checkpoints import check_process_count
-from lesiongen.utils.distributed import together
+from lesiongen.utils.distributed import shared, together
 from lesiongen.utils.inputs import file_hashes, record_inputs, refuse_changed_inputs
 from lesiongen.utils.outdir import OutputFolder
 
@@ -428,10 +428,10 @@ class ClassifierTrainer:
         kept = (f"{left[-1].name} in {self.out_dir} is the last checkpoint, from before it" if left
                 else "no checkpoint was saved before it")
         best = f"; {MODEL_FILE} holds the best epoch so far ({state.best_epoch + 1})" if state.best_epoch >= 0 else ""
-        raise TrainingDivergedError(
+        raise shared(TrainingDivergedError(  # every process judged the same reduced values: said once
             f"training diverged: {what} became NaN or infinite in epoch {state.epoch + 1} (by step "
             f"{state.global_step}); {kept}{best}. Start again with a lower --lr (now {cfg.lr})"
-            f"{' and --overwrite' if left else ''}, or use bf16 instead of fp16")
+            f"{' and --overwrite' if left else ''}, or use bf16 instead of fp16"))
 
     def _save_checkpoint(self, state: TrainerState) -> None:
         best = [self.out_dir / MODEL_FILE, self.out_dir / INFO_FILE] if state.best_epoch >= 0 else []

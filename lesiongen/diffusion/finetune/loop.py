@@ -34,7 +34,7 @@ from lesiongen.diffusion.resolution import check_resolution
 from lesiongen.diffusion.text import CachedPromptEncoder, encode, tokenize
 from lesiongen.errors import TrainingDivergedError
 from lesiongen.utils import checkpoints
-from lesiongen.utils.distributed import together
+from lesiongen.utils.distributed import shared, together
 
 logger = logging.getLogger(__name__)
 
@@ -333,9 +333,9 @@ class Trainer:
             where = (f"{good.name} in {self.out_dir} is the last good checkpoint; resume from it with --resume "
                      "latest and a lower --lr" if good is not None else
                      "no checkpoint from before the divergence is left: start again with a lower --lr")
-            raise TrainingDivergedError(
+            raise shared(TrainingDivergedError(  # every process judged the same gathered losses: said once
                 f"training diverged: the loss became {value} at step {step}; {where}. "
-                f"Lower --lr (now {self.config.lr}), keep max_grad_norm set, or use bf16 instead of fp16")
+                f"Lower --lr (now {self.config.lr}), keep max_grad_norm set, or use bf16 instead of fp16"))
         entry = {"step": steps[-1], "loss": values.mean().item(), "lr": self.lr_scheduler.get_last_lr()[0]}
         if images_per_second is not None:
             entry["images_per_second"] = round(images_per_second, 2)
