@@ -50,9 +50,9 @@ def close_process_group() -> None:
 
     Left to the interpreter's teardown, a gloo group's worker threads can abort a process whose work is done
     ("terminate called without an active exception", SIGABRT: pytorch#190489), which fails the whole
-    `accelerate launch` (measured: 1 of 15 two-process gloo launches; NCCL prints a warning instead). Call it
-    only where every process arrives (a finished command, or an error they raised together): with NCCL,
-    destroying the group aborts its communicators collectively.
+    `accelerate launch` (measured: 3 of 65 two-process gloo launches without it, 0 of 65 with it; NCCL prints a
+    warning instead). Call it only where every process arrives (a finished command, or an error they raised
+    together): with NCCL, destroying the group aborts its communicators collectively.
     """
     import sys
 
