@@ -43,6 +43,9 @@ def index(
     metadata_csv: Annotated[Path | None, typer.Option(help="ISIC 2019 metadata CSV with lesion_id.",
                                                       show_default="the one beside the GroundTruth CSV")] = None,
     strict: Annotated[bool, typer.Option(help="Fail on an unreadable image instead of skipping it.")] = False,
+    group_near_duplicates: Annotated[bool, typer.Option(
+        help="Give near-duplicate images (256-bit pHash within 24 bits: one photo filed under several lesion "
+             "ids) one lesion id, so no copy straddles splits; their own ids stay in source_group_id.")] = False,
     workers: Annotated[int | None, typer.Option(min=1, help="Decoding threads.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing manifest.")] = False,
 ) -> None:
@@ -58,13 +61,19 @@ def index(
         name = source.stem if source.is_file() else source.resolve().name
         out = Path("checkpoints") / "data" / name / "manifest.csv"
     manifest = index_dataset(source, out, fmt, fractions=(1.0 - val - test, val, test), seed=seed, strict=strict,
-                             overwrite=overwrite, prompts=prompts, metadata_csv=metadata_csv, workers=workers)
+                             overwrite=overwrite, prompts=prompts, metadata_csv=metadata_csv, workers=workers,
+                             group_near_duplicates=group_near_duplicates)
     counts = manifest.df["split"].value_counts()
     skipped = len(manifest.meta.get("skipped_unreadable", []))
     typer.echo(f"wrote {out}: {len(manifest)} images, {manifest.meta['n_groups']} lesions, "
                f"{len(manifest.classes)} classes ({manifest.meta['dataset']}, {manifest.meta['format']} layout); "
                + ", ".join(f"{s} {int(counts.get(s, 0))}" for s in ("train", "val", "test"))
                + (f"; skipped {skipped} unreadable image(s)" if skipped else ""))
+    joined = manifest.meta.get("near_duplicates_joined")
+    if joined is not None:
+        sets = joined["sets"]
+        typer.echo(f"joined {len(sets)} set(s) of near-duplicate images filed under different lesion ids into one "
+                   f"lesion each" + (f", e.g. {' + '.join(sets[0])}" if sets else ""))
     alone = manifest.meta.get("images_without_lesion_id", 0)
     if alone:
         typer.echo(f"WARNING: {alone} of {len(manifest)} images have no lesion id, so each is split as a lesion of "
@@ -75,12 +84,16 @@ def index(
 def check(
     manifest: Annotated[Path, typer.Argument(help="Manifest CSV to check.")],
     json_out: Annotated[Path | None, typer.Option(help="Also write the full report as JSON here.")] = None,
-    phash_threshold: Annotated[int | None, typer.Option(min=0, max=64, show_default="2", help="Largest pHash "
-                                                        "Hamming distance reported as a near-duplicate.")] = None,
+    phash_threshold: Annotated[int | None, typer.Option(
+        min=0, max=256, show_default="24", help="Largest Hamming distance between 256-bit pHashes reported as a "
+                                                "near-duplicate (the variant filters' threshold).")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Decoding threads.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing JSON report.")] = False,
+    strict: Annotated[bool, typer.Option(help="Exit 1 on warnings too (near-duplicates across splits, a class "
+                                              "missing from a split, ...), e.g. to gate a pipeline.")] = False,
 ) -> None:
-    """Class counts per split, unreadable/missing images, duplicates and lesion leakage; exit 1 on errors."""
+    """Class counts per split, unreadable/missing images, duplicates and lesion leakage; exit 1 on errors
+    (and with --strict on warnings)."""
     from lesiongen.data.check import DEFAULT_PHASH_THRESHOLD, check_manifest, format_report
     from lesiongen.utils.atomic import write_json
     from lesiongen.utils.outdir import check_out_file
@@ -94,6 +107,9 @@ def check(
         write_json(json_out, report)
         typer.echo(f"report written to {json_out}")
     if report["errors"]:
+        raise typer.Exit(1)
+    if strict and report["warnings"]:
+        typer.echo(f"--strict: {len(report['warnings'])} warning(s) fail the check", err=True)
         raise typer.Exit(1)
 
 

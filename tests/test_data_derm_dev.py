@@ -37,6 +37,19 @@ def test_derm_dev_index_and_check(derm_dev_dir, tmp_path):
     report = json.loads(report_path.read_text())
     assert report["lesion_leakage"] == [] and report["missing_files"] == [] and report["unreadable"] == []
     assert not [d for d in report["exact_duplicates"] if len(d["splits"]) > 1]
+    # Two photos are each filed under two lesion ids, across splits; at 256 bits nothing else under another id
+    # comes within the threshold (at 64 bits and distance 2, 23 cross-split pairs did, 21 of them not copies).
+    copies = [{p["a"], p["b"]} for p in report["near_duplicates"] if not p["same_group"]]
+    assert copies == [{"images/ISIC_0025226.jpg", "images/ISIC_0030074.jpg"},
+                      {"images/ISIC_0000174.jpg", "images/ISIC_0015071.jpg"}]
+
+    joined = tmp_path / "joined.csv"
+    result = runner.invoke(app, ["data", "index", derm_dev_dir, "--out", str(joined), "--group-near-duplicates"])
+    assert result.exit_code == 0, result.output
+    assert load_manifest(joined).meta["near_duplicates_joined"]["sets"] == [["HAM_0000140", "HAM_0004919"],
+                                                                           ["ISIC_0000174", "ISIC_0015071"]]
+    result = runner.invoke(app, ["data", "check", str(joined), "--strict"])
+    assert result.exit_code == 0, result.output
 
 
 def test_scan_hashes_match_the_published_columns(derm_dev_dir):

@@ -66,6 +66,8 @@ def test_seeds_count_and_canonical_arm_order():
     ({"quality": {"device": "tpu"}}, "device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     ({"data": {"toy": None, "source": None}}, "exactly one of toy / source / manifest"),
     ({"data": {"toy": {"size": 16}}}, "data.toy.size must be an integer >= 32 px"),
+    ({"data": {"toy": None, "manifest": "m.csv", "group_near_duplicates": True}},
+     "data.group_near_duplicates applies when the run indexes its data: a given data.manifest keeps its split"),
     ({"generate": {"oversample": 2.0, "max_oversample": 1.5}}, "max_oversample must be >= generate.oversample"),
 ])
 def test_bad_config_values_fail_at_load_naming_the_key(overrides, message):

@@ -3,8 +3,9 @@
 Errors (the data cannot be trusted as it is): missing files, unreadable or truncated images, a lesion
 (`group_id`) in more than one split, pixel-identical images in different splits.
 Warnings (look before you trust the numbers): a class absent from a split, pixel-identical images of
-different lesions within a split, perceptual near-duplicates (pHash within the Hamming threshold) of
-different lesions, a lesion whose images carry different labels.
+different lesions within a split, perceptual near-duplicates (256-bit pHash within the Hamming threshold,
+the memorisation filters' hash and threshold) of different lesions, a lesion whose images carry different
+labels.
 Near-duplicates within one lesion are expected (several photos of it) and only counted.
 """
 
@@ -18,34 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from lesiongen.data.manifest import SPLITS, Manifest, load_manifest
-from lesiongen.data.scan import MISSING, UNREADABLE, phash_hex, scan_images
+from lesiongen.data.near_duplicates import DEFAULT_PHASH_THRESHOLD, near_duplicate_pairs
+from lesiongen.data.scan import MISSING, UNREADABLE, WIDE_PHASH_SIZE, bits_hex, scan_images
 
-DEFAULT_PHASH_THRESHOLD = 2  # on 64-bit pHashes; dermoscopy (a dark blob on skin) collides above this
-_PAIR_CHUNK = 1024
-
-
-def near_duplicate_pairs(hashes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs i < j with Hamming(hashes[i], hashes[j]) <= threshold, in chunks (N^2/2 popcounts)."""
-    hashes = np.asarray(hashes, dtype=np.uint64)
-    found_i, found_j, found_d = [], [], []
-    for start in range(0, len(hashes), _PAIR_CHUNK):
-        block = hashes[start:start + _PAIR_CHUNK]
-        distances = np.bitwise_count(block[:, None] ^ hashes[None, start:])
-        rows, cols = np.nonzero(distances <= threshold)
-        keep = cols > rows  # columns are offset by `start`, so this is j > i
-        found_i.append(rows[keep] + start)
-        found_j.append(cols[keep] + start)
-        found_d.append(distances[rows[keep], cols[keep]])
-    if not found_i:
-        return np.zeros(0, int), np.zeros(0, int), np.zeros(0, int)
-    return np.concatenate(found_i), np.concatenate(found_j), np.concatenate(found_d).astype(int)
+PHASH_BITS = WIDE_PHASH_SIZE ** 2
 
 
 def check_manifest(path: str | os.PathLike, *, phash_threshold: int = DEFAULT_PHASH_THRESHOLD,
                    workers: int | None = None) -> dict:
     """Check the manifest at `path` (its rows must load; see `load_manifest`) and return the report."""
-    if phash_threshold < 0 or phash_threshold > 64:
-        raise ValueError(f"phash_threshold must be in [0, 64], got {phash_threshold}")
+    if phash_threshold < 0 or phash_threshold > PHASH_BITS:
+        raise ValueError(f"phash_threshold must be in [0, {PHASH_BITS}], got {phash_threshold}")
     started = time.perf_counter()
     manifest = load_manifest(path)
     df = manifest.df
@@ -91,15 +75,17 @@ def check_manifest(path: str | os.PathLike, *, phash_threshold: int = DEFAULT_PH
         warnings.append(f"{len(exact_within)} set(s) of pixel-identical images belong to different lesions "
                         f"within one split, e.g. {exact_within[0]['images']}")
 
-    near = _near_duplicates(df, scan.phash, scan.pixel_sha256, ok, phash_threshold)
+    near = _near_duplicates(df, scan.wide_phash, scan.pixel_sha256, ok, phash_threshold)
     near_other = [p for p in near if not p["same_group"]]
     near_across = [p for p in near_other if p["split_a"] != p["split_b"]]
     if near_across:
-        warnings.append(f"{len(near_across)} near-duplicate pair(s) (pHash distance <= {phash_threshold}) "
-                        f"across splits, e.g. {near_across[0]['a']} ~ {near_across[0]['b']}")
+        warnings.append(f"{len(near_across)} near-duplicate pair(s) of different lesions (pHash distance <= "
+                        f"{phash_threshold} of {PHASH_BITS} bits) across splits, e.g. {near_across[0]['a']} ~ "
+                        f"{near_across[0]['b']}: if they are one photo, `data index --group-near-duplicates` keeps "
+                        "each such pair in one split")
     if len(near_other) > len(near_across):
         warnings.append(f"{len(near_other) - len(near_across)} near-duplicate pair(s) of different lesions "
-                        f"within a split (pHash distance <= {phash_threshold})")
+                        f"within a split (pHash distance <= {phash_threshold} of {PHASH_BITS} bits)")
 
     return {
         "manifest": str(Path(path)),
@@ -113,6 +99,7 @@ def check_manifest(path: str | os.PathLike, *, phash_threshold: int = DEFAULT_PH
         "lesion_leakage": leakage,
         "mixed_label_groups": mixed,
         "exact_duplicates": exact,
+        "phash_bits": PHASH_BITS,
         "phash_threshold": phash_threshold,
         "near_duplicates": near,
         "near_duplicates_within_lesion": len(near) - len(near_other),
@@ -158,7 +145,7 @@ def _exact_duplicates(df, digests: list[str], rows: np.ndarray) -> list[dict]:
 
 
 def _near_duplicates(df, phash: np.ndarray, digests: list[str], rows: np.ndarray, threshold: int) -> list[dict]:
-    """pHash pairs within the threshold, leaving out pairs already reported as pixel-identical."""
+    """Pairs of pHash bit rows within the threshold, leaving out pairs already reported as pixel-identical."""
     first, second, distance = near_duplicate_pairs(phash[rows], threshold)
     pairs = []
     images, splits, groups = df["image"].to_numpy(), df["split"].to_numpy(), df["group_id"].to_numpy()
@@ -166,7 +153,7 @@ def _near_duplicates(df, phash: np.ndarray, digests: list[str], rows: np.ndarray
         if digests[a] == digests[b]:
             continue
         pairs.append({"a": images[a], "b": images[b], "distance": int(d),
-                      "phash_a": phash_hex(phash[a]), "phash_b": phash_hex(phash[b]),
+                      "phash_a": bits_hex(phash[a]), "phash_b": bits_hex(phash[b]),
                       "split_a": splits[a], "split_b": splits[b], "same_group": bool(groups[a] == groups[b])})
     return pairs
 
@@ -190,7 +177,8 @@ def format_report(report: dict, *, examples: int = 5) -> str:
         ("pixel-identical sets across splits", sum(len(d["splits"]) > 1 for d in report["exact_duplicates"]), True),
         ("pixel-identical sets, other lesions, same split",
          sum(len(d["splits"]) == 1 and len(d["groups"]) > 1 for d in report["exact_duplicates"]), False),
-        (f"near-duplicate pairs of other lesions (pHash <= {report['phash_threshold']})",
+        (f"near-duplicate pairs of other lesions (pHash <= {report['phash_threshold']} of "
+         f"{report['phash_bits']} bits)",
          sum(not p["same_group"] for p in report["near_duplicates"]), False),
         ("lesions with mixed labels", len(report["mixed_label_groups"]), False),
     ]

@@ -2,7 +2,8 @@
 
 Steps: read the source (`readers`), map its labels onto the prompt file's class keys, give images
 without a lesion id their own group, decode every image once (unreadable ones are skipped and counted,
-or fail the run with `strict`), split by group (`split`), write manifest + sidecar atomically.
+or fail the run with `strict`), optionally join the lesion ids of near-duplicate images (`near_duplicates`),
+split by group (`split`), write manifest + sidecar atomically.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from lesiongen.data.manifest import SPLITS, Manifest, meta_path_for, write_manifest
+from lesiongen.data.near_duplicates import DEFAULT_PHASH_THRESHOLD, join_near_duplicate_groups
 from lesiongen.data.prompts import PromptSet, load_prompts
 from lesiongen.data.readers import SourceTable, read_source
-from lesiongen.data.scan import OK, scan_images
+from lesiongen.data.scan import OK, WIDE_PHASH_SIZE, scan_images
 from lesiongen.data.split import SplitConfig, assign_splits
 from lesiongen.errors import InputError, OutputExistsError
 from lesiongen.utils.outdir import check_out_file
@@ -58,11 +61,14 @@ def _reject_empty_classes(labels: pd.Series, prompts: PromptSet, table: SourceTa
 def index_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str = "auto",
                   fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), seed: int = 0,
                   strict: bool = False, overwrite: bool = False, *, prompts: str | os.PathLike | None = None,
-                  metadata_csv: str | os.PathLike | None = None, workers: int | None = None) -> Manifest:
+                  metadata_csv: str | os.PathLike | None = None, workers: int | None = None,
+                  group_near_duplicates: bool = False) -> Manifest:
     """Index `source` into the manifest `out` (+ `<stem>.meta.json`) and return it.
 
     `prompts` (a shipped dataset name or a YAML path) decides the class keys and their order; by default
-    the layout's own (isic2019 for ISIC 2019, ham10000 otherwise).
+    the layout's own (isic2019 for ISIC 2019, ham10000 otherwise). `group_near_duplicates` gives images
+    within the near-duplicate pHash distance one lesion id (the smallest of theirs; the ids they had stay in
+    `source_group_id`), so copies of one photo filed under several ids never straddle splits.
     """
     try:
         config = SplitConfig(tuple(fractions), seed)
@@ -84,7 +90,8 @@ def index_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str = 
     own_group = df["group_id"] == ""
     df.loc[own_group, "group_id"] = df.loc[own_group, "image"]  # an image without a lesion id is its own lesion
 
-    scan = scan_images([table.root / image for image in df["image"]], hashes=False, workers=workers)
+    scan = scan_images([table.root / image for image in df["image"]], hashes=group_near_duplicates,
+                       workers=workers)
     bad = [i for i, status in enumerate(scan.status) if status != OK]
     if bad and strict:
         i = bad[0]
@@ -93,6 +100,13 @@ def index_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str = 
     skipped = [{"image": df.at[i, "image"], "error": scan.errors[i]} for i in bad]
     df = df.drop(index=bad).reset_index(drop=True)
     _reject_empty_classes(df["label"], prompt_set, table, len(bad))
+    joined: list[list[str]] = []
+    if group_near_duplicates:
+        groups, joined = join_near_duplicate_groups(list(df["group_id"]), np.delete(scan.wide_phash, bad, axis=0),
+                                                    DEFAULT_PHASH_THRESHOLD)
+        if joined:
+            df.insert(df.columns.get_loc("group_id") + 1, "source_group_id", df["group_id"])
+            df["group_id"] = groups
 
     df.insert(2, "split", assign_splits(list(df["label"]), list(df["group_id"]), prompt_set.class_names, config))
     manifest = Manifest(df, table.root, prompt_set.class_names)
@@ -101,5 +115,8 @@ def index_dataset(source: str | os.PathLike, out: str | os.PathLike, fmt: str = 
                    fractions=dict(zip(SPLITS, config.fractions)),
                    seed=config.seed, split_unit="group_id", n_images=len(df),
                    n_groups=int(df["group_id"].nunique()), skipped_unreadable=skipped,
-                   images_without_lesion_id=int(own_group.drop(index=bad).sum()))
+                   images_without_lesion_id=int(own_group.drop(index=bad).sum()),
+                   **({"near_duplicates_joined": {"phash_bits": WIDE_PHASH_SIZE ** 2,
+                                                  "threshold": DEFAULT_PHASH_THRESHOLD, "sets": joined}}
+                      if group_near_duplicates else {}))
     return manifest

@@ -72,6 +72,7 @@ class DataSection:
     format: str = "auto"
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     split_seed: int = 0
+    group_near_duplicates: bool = False  # `data index --group-near-duplicates` (not with `manifest`)
     prompts: str = "ham10000"  # a shipped prompt file name or a path
 
     def __post_init__(self) -> None:
@@ -80,6 +81,9 @@ class DataSection:
         given = [name for name in ("toy", "source", "manifest") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"data needs exactly one of toy / source / manifest, got {given or 'none'}")
+        if self.group_near_duplicates and self.manifest is not None:
+            raise ValueError("data.group_near_duplicates applies when the run indexes its data: a given "
+                             "data.manifest keeps its split (index it with `data index --group-near-duplicates`)")
         self.fractions = tuple(float(f) for f in self.fractions)
         if len(self.fractions) != 3:
             raise ValueError(f"data.fractions must be three numbers (train, val, test), got {list(self.fractions)}")

@@ -83,7 +83,8 @@ def prepare_data(ctx: StageContext, folder: Path) -> dict:
 
             source = folder / "toy"
             make_toy_dataset(source, n_per_class=data.toy.n_per_class, size=data.toy.size, seed=data.toy.seed)
-        manifest = index_dataset(source, out, data.format, data.fractions, data.split_seed, prompts=data.prompts)
+        manifest = index_dataset(source, out, data.format, data.fractions, data.split_seed, prompts=data.prompts,
+                                 group_near_duplicates=data.group_near_duplicates)
     counts = manifest.df.groupby("split").size().to_dict()
     return {"images": len(manifest), **{f"{split}_images": int(n) for split, n in counts.items()}}
 

@@ -41,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lesiongen.data.near_duplicates import DEFAULT_PHASH_THRESHOLD  # bits of 256; the docstring says why 24
 from lesiongen.errors import InputError
 
 DEFAULT_HASH_SIZE = 16
-DEFAULT_PHASH_THRESHOLD = 24  # bits of 256; see the module docstring for the measurements behind it
 DEFAULT_FEATURE_QUANTILE = 0.001
 FEATURE_MARGIN = 0.5
 _CALIBRATION_SAMPLE = 2000  # real images used to calibrate the feature threshold (against all)
